@@ -1,0 +1,1 @@
+"""RaptorFlow Data server: the gRPC service that owns the PostgreSQL pool."""

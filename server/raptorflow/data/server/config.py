@@ -1,0 +1,186 @@
+"""Server settings: one frozen dataclass, filled from flags, then environment, then defaults.
+
+Every setting has a command-line flag and an environment variable; the table
+`SETTINGS` is the single place that names them, so `serve --help`, the README
+and the environment cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import itertools
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How one server process runs."""
+
+    listen: str = "127.0.0.1:50051"
+    """Address the gRPC port binds, HOST:PORT; port 0 picks a free port."""
+    database_url: str = ""
+    """Connection string for queries (the application role)."""
+    owner_database_url: str = ""
+    """Connection string of the tables' owner, for migrations; empty uses database_url."""
+    app_role: str = "raptorflow_app"
+    """With a single (owner) URL: the non-owner role queries run as, created by migrations.
+    Empty runs queries as the URL's own user."""
+    schema: str = "public"
+    """Schema whose tables (those with a workspace_id column) are exposed."""
+    tables: tuple[str, ...] = ()
+    """Exposed tables; empty exposes every table of the schema with a workspace_id column."""
+    pool_min_size: int = 2
+    """Connections the query pool keeps open."""
+    pool_max_size: int = 10
+    """Most connections the query pool opens."""
+    acquire_timeout: float = 5.0
+    """Seconds a call waits for a pool connection before RESOURCE_EXHAUSTED."""
+    statement_timeout: float = 30.0
+    """Upper bound, in seconds, on any statement; a call's shorter deadline wins."""
+    connect_timeout: float = 5.0
+    """Seconds one connection attempt may take."""
+    connect_retry_seconds: float = 30.0
+    """Seconds start-up keeps retrying an unreachable database before giving up."""
+    health_interval: float = 2.0
+    """Seconds between background database checks that drive readiness."""
+    health_timeout: float = 2.0
+    """Seconds one database check may take before it counts as failed."""
+    shutdown_drain_seconds: float = 0.0
+    """On SIGTERM, seconds to stay up while NOT_SERVING so load balancers deregister."""
+    shutdown_grace_seconds: float = 10.0
+    """On SIGTERM, seconds in-flight unary calls get to finish."""
+    reflection: bool = True
+    """Serve gRPC server reflection (grpcurl list/describe)."""
+    token_key: bytes = b""
+    """Key that signs page tokens; replicas must share it. Empty: a random key per process."""
+    default_page_size: int = 100
+    """Rows a select returns when the request gives no page size."""
+    max_page_size: int = 1000
+    """Most rows a select returns; larger page sizes are lowered to it."""
+    max_rows_per_request: int = 50_000
+    """Most rows one insert or upsert may carry."""
+    max_message_bytes: int = 64 * 1024 * 1024
+    """Largest request or response message, in bytes."""
+    catalog_refresh_seconds: float = 30.0
+    """Seconds between reloads of the exposed tables' shape from the catalog."""
+    log_level: str = "INFO"
+    """Python logging level name."""
+
+    @property
+    def effective_owner_url(self) -> str:
+        return self.owner_database_url or self.database_url
+
+    @property
+    def query_role(self) -> str:
+        """The role queries switch to, or '' when the query URL is already the app role."""
+        return "" if self.owner_database_url else self.app_role
+
+
+@dataclass(frozen=True)
+class _Setting:
+    name: str
+    env: str
+    parse: Callable[[str], Any]
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _parse_tables(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _parse_key(text: str) -> bytes:
+    # A key given as text is used as its UTF-8 bytes; `base64:` marks binary keys.
+    if text.startswith("base64:"):
+        return base64.b64decode(text.removeprefix("base64:"))
+    return text.encode()
+
+
+_PARSERS: Mapping[type, Callable[[str], Any]] = {
+    int: int,
+    float: float,
+    str: str,
+    bool: _parse_bool,
+}
+
+
+def _settings_table() -> tuple[_Setting, ...]:
+    special: Mapping[str, Callable[[str], Any]] = {"tables": _parse_tables, "token_key": _parse_key}
+    env_names = {"database_url": "DATABASE_URL"}
+    table = []
+    for f in dataclasses.fields(Settings):
+        default_type = type(f.default)
+        parse = special.get(f.name) or _PARSERS[default_type]
+        env = env_names.get(f.name, f"RAPTORFLOW_{f.name.upper()}")
+        table.append(_Setting(f.name, env, parse))
+    return tuple(table)
+
+
+SETTINGS = _settings_table()
+
+
+def _help_texts() -> dict[str, str]:
+    # Attribute docstrings are not kept at run time; read them from the source once.
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(Settings))
+    body = tree.body[0].body if isinstance(tree.body[0], ast.ClassDef) else []
+    texts: dict[str, str] = {}
+    for node, following in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            texts[node.target.id] = " ".join(following.value.value.split())
+    return texts
+
+
+def add_arguments(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+    """Adds one flag per setting (`--pool-max-size`, ...), defaulting to 'not given'."""
+    helps = _help_texts()
+    for setting in SETTINGS:
+        if names is not None and setting.name not in names:
+            continue
+        flag = "--" + setting.name.replace("_", "-")
+        parser.add_argument(
+            flag,
+            dest=setting.name,
+            default=None,
+            metavar=setting.env,
+            help=f"{helps.get(setting.name, '')} [env {setting.env}]",
+        )
+
+
+def load(
+    args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from flags (highest), then the environment, then the defaults."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw = getattr(args, setting.name, None) if args is not None else None
+        if raw is None:
+            raw = env.get(setting.env)
+        if raw is None or (raw == "" and setting.name != "app_role"):
+            continue
+        try:
+            values[setting.name] = setting.parse(raw)
+        except ValueError as exc:
+            raise SystemExit(f"invalid {setting.env}: {exc}") from exc
+    return Settings(**values)

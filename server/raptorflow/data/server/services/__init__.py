@@ -1,0 +1,1 @@
+"""The servicer edge: one thin servicer per proto service, plus health and the error map."""
