@@ -27,7 +27,7 @@ Status: TypeAlias = "health_pb2.HealthCheckResponse.ServingStatus"
 
 
 class HealthServicer:
-    """grpc.health.v1.Health (Check and Watch) for grpc.aio, ending Watch streams at shutdown.
+    """grpc.health.v1.Health (Check, List and Watch) for grpc.aio, ending Watch streams at shutdown.
 
     Follows grpc's reference aio servicer (a status map and one condition per
     watched name). It is written out here because the reference class is
@@ -52,6 +52,16 @@ class HealthServicer:
                 grpc.StatusCode.NOT_FOUND, f"unknown service {request.service[:200]!r}"
             )
         return health_pb2.HealthCheckResponse(status=status)
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status)
+                for name, status in self._status.items()
+            }
+        )
 
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
