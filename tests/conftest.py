@@ -21,7 +21,6 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
-
 from raptorflow.data.server import app
 from raptorflow.data.server.config import Settings
 from raptorflow.data.v1 import workspace_service_pb2_grpc

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from raptorflow.data.v1 import value_pb2, workspace_service_pb2
 
 
