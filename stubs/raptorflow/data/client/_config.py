@@ -1,0 +1,131 @@
+"""Connection settings of the RaptorFlow Data client and the channel options built from them."""
+
+import enum
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass
+from importlib import resources
+from typing import Any, Final, TypeAlias
+
+import grpc
+
+MetadataValue: TypeAlias = str | bytes
+"""A metadata value: text, or bytes for keys ending in ``-bin``."""
+
+MetadataLike: TypeAlias = Mapping[str, MetadataValue] | Sequence[tuple[str, MetadataValue]]
+"""Call metadata, as a mapping or as (key, value) pairs (pairs may repeat a key)."""
+
+
+class UseClientDefault(enum.Enum):
+    """The type of `USE_CLIENT_DEFAULT`."""
+
+    USE_CLIENT_DEFAULT = "USE_CLIENT_DEFAULT"
+
+
+USE_CLIENT_DEFAULT: Final = UseClientDefault.USE_CLIENT_DEFAULT
+"""Passed as `timeout`, uses `ClientConfig.timeout`.
+
+A sentinel rather than None because None already means "no deadline", which
+long-running jobs need to be able to ask for.
+"""
+
+Timeout: TypeAlias = float | UseClientDefault | None
+"""A per-call timeout in seconds, None for no deadline, or `USE_CLIENT_DEFAULT`."""
+
+SERVICE_NAME: Final = "raptorflow.data.v1.WorkspaceService"
+
+_PACKAGE: Final = __name__.rpartition(".")[0]
+
+# Large enough for a full page of 1,000 rows carrying 1536-dimension float
+# embeddings (about 6 MiB); gRPC's own 4 MiB default would fail such pages.
+_DEFAULT_MAX_RECEIVE_BYTES: Final = 64 * 1024 * 1024
+
+# gRPC stops retrying a call once its buffered request outgrows this size (the
+# default is 256 KiB), which would silently disable ABORTED retries for large
+# batches, the calls that need them most.
+_RETRY_BUFFER_BYTES: Final = 16 * 1024 * 1024
+
+_USER_AGENT: Final = "raptorflow-data-client/0.1.0"
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How a `DataClient` reaches the service and what it sends on every call."""
+
+    target: str
+    """The server address, "host:port" or any gRPC target ("dns:///data:50051")."""
+
+    _: KW_ONLY
+
+    timeout: float | None = 10.0
+    """Seconds a call may take, retries included, unless the call says otherwise;
+    None sets no deadline."""
+
+    metadata: MetadataLike = ()
+    """Metadata sent on every call, such as an authorization header. A call's own
+    metadata replaces entries with the same key."""
+
+    max_send_message_bytes: int | None = None
+    """The largest request the client sends; None keeps gRPC's default (no limit)."""
+
+    max_receive_message_bytes: int | None = _DEFAULT_MAX_RECEIVE_BYTES
+    """The largest response the client accepts; None keeps gRPC's default (4 MiB)."""
+
+    enable_retries: bool = True
+    """Whether the retry policies of service_config.json apply. Reads retry
+    UNAVAILABLE and ABORTED; writes retry ABORTED only, which the server returns
+    after rolling the transaction back, so a retried write never applies twice."""
+
+    channel_credentials: grpc.ChannelCredentials | None = None
+    """TLS credentials, from `grpc.ssl_channel_credentials()`; None connects without TLS."""
+
+    channel_options: Sequence[tuple[str, Any]] = ()
+    """Extra gRPC channel arguments, such as ("grpc.keepalive_time_ms", 30000).
+    They override the options this config sets, key by key."""
+
+    load_balancing_policy: str | None = None
+    """The gRPC load-balancing policy, "pick_first" or "round_robin" (spread calls
+    over every address a DNS name resolves to); None keeps gRPC's default."""
+
+    def service_config(self) -> dict[str, Any]:
+        """The gRPC service config the channel gets: retry policies and load balancing."""
+        text = resources.files(_PACKAGE).joinpath("service_config.json").read_text("utf-8")
+        config: dict[str, Any] = json.loads(text)
+        if self.load_balancing_policy is not None:
+            config["loadBalancingConfig"] = [{self.load_balancing_policy: {}}]
+        return config
+
+    def channel_arguments(self) -> list[tuple[str, Any]]:
+        """The channel arguments for `grpc.aio.insecure_channel` or `secure_channel`."""
+        options: dict[str, Any] = {
+            "grpc.service_config": json.dumps(self.service_config()),
+            "grpc.enable_retries": int(self.enable_retries),
+            "grpc.per_rpc_retry_buffer_size": _RETRY_BUFFER_BYTES,
+            "grpc.primary_user_agent": _USER_AGENT,
+        }
+        if self.max_send_message_bytes is not None:
+            options["grpc.max_send_message_length"] = self.max_send_message_bytes
+        if self.max_receive_message_bytes is not None:
+            options["grpc.max_receive_message_length"] = self.max_receive_message_bytes
+        # A dict, so that an extra option replaces ours instead of being passed
+        # twice, where which one gRPC honours is not documented.
+        options.update(dict(self.channel_options))
+        return list(options.items())
+
+
+def metadata_pairs(metadata: MetadataLike) -> list[tuple[str, MetadataValue]]:
+    """Normalises metadata to (key, value) pairs with lower-case keys, as gRPC requires."""
+    items = metadata.items() if isinstance(metadata, Mapping) else metadata
+    return [(key.lower(), value) for key, value in items]
+
+
+def merge_metadata(
+    defaults: MetadataLike, overrides: MetadataLike | None
+) -> list[tuple[str, MetadataValue]]:
+    """The config's metadata with a call's metadata replacing entries of the same key."""
+    pairs = metadata_pairs(defaults)
+    if not overrides:
+        return pairs
+    extra = metadata_pairs(overrides)
+    replaced = {key for key, _ in extra}
+    return [pair for pair in pairs if pair[0] not in replaced] + extra
