@@ -1,7 +1,8 @@
 """An agent-style consumer of the RaptorFlow Data client, kept passing `mypy --strict`.
 
 Run against a server whose exposed tables include `campaigns` (id, name,
-status, budget, tags, settings, created_at)::
+status, budget, tags, settings, created_at; unique on workspace_id and name)
+and `campaign_events` (kind, at)::
 
     python examples/consumer.py --target localhost:50051 --workspace <uuid>
 """

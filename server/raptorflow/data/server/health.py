@@ -68,6 +68,7 @@ class HealthServicer:
     ) -> None:
         last = None
         closing = asyncio.ensure_future(self._closing.wait())
+        waiting: asyncio.Future[Any] | None = None
         try:
             while not self._closing.is_set():
                 changed = self._changed
@@ -81,7 +82,10 @@ class HealthServicer:
                 await asyncio.wait({waiting, closing}, return_when=asyncio.FIRST_COMPLETED)
                 waiting.cancel()
         finally:
+            # A Watch cancelled by its client must not leave its waiters pending.
             closing.cancel()
+            if waiting is not None:
+                waiting.cancel()
         await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
 
     async def set(self, service: str, status: Status) -> None:

@@ -96,7 +96,9 @@ class DataError(Exception):
         if self.reason:
             text += f" [{self.reason}]"
         for violation in self.field_violations:
-            text += f"\n  {violation.field}: {violation.description}"
+            line = f"{violation.field}: {violation.description}"
+            if line != self.message:  # the server often puts a lone violation in the message
+                text += f"\n  {line}"
         return text
 
 

@@ -491,7 +491,9 @@ class UpsertRequest(_message.Message):
     def conflict_columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Required. The columns of a unique key of the table (see
         TableDescription.unique_keys) that decide whether a row conflicts; each
-        must be among `columns` or be `workspace_id`.
+        must be among `columns` or be `workspace_id`. `workspace_id` may be left
+        out: ["name"] means the key (workspace_id, name) when that is a unique
+        key. Returns INVALID_ARGUMENT (reason NOT_A_UNIQUE_KEY) otherwise.
         """
 
     @_builtins.property

@@ -74,6 +74,10 @@ class Column:
     name: str
     database_type: str
     """`format_type` text, safe to splice: it comes from the catalog, quoted by PostgreSQL."""
+    bind_type: str
+    """The type without its modifier (`character varying`, not `character varying(40)`), which
+    bound values are cast to: the column then checks length and precision on assignment,
+    where an explicit cast to the modified type would silently truncate."""
     type_name: str
     """pg_type.typname (`int4`, `_text`, ...)."""
     kind: Kind
@@ -141,6 +145,7 @@ _COLUMNS_SQL = """
 SELECT c.relname AS table_name,
        a.attname AS column_name,
        format_type(a.atttypid, a.atttypmod) AS database_type,
+       format_type(a.atttypid, -1) AS bind_type,
        t.typname AS type_name,
        t.typcategory::text AS category,
        t.typtype::text AS type_type,
@@ -190,7 +195,7 @@ def _make_column(row: asyncpg.Record) -> Column:
             # Arrays of unmodelled types travel whole, in PostgreSQL's array text form.
             kind, element_kind, as_text = Kind.STRING, None, True
         elif element_type_name == "float4":
-            kind = Kind.VECTOR
+            kind, element_kind = Kind.VECTOR, None
         else:
             kind = Kind.ARRAY
     else:
@@ -198,6 +203,7 @@ def _make_column(row: asyncpg.Record) -> Column:
     return Column(
         name=row["column_name"],
         database_type=row["database_type"],
+        bind_type=row["bind_type"],
         type_name=type_name,
         kind=kind,
         element_kind=element_kind,

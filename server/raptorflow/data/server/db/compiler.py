@@ -71,7 +71,7 @@ class _Params:
         """A placeholder for a value compared with or written to `column`."""
         placeholder = self.add(value)
         if column.as_text:
-            return f"CAST({placeholder}::text AS {column.database_type})"
+            return f"CAST({placeholder}::text AS {column.bind_type})"
         return placeholder
 
 
@@ -85,9 +85,18 @@ def workspace_value(table: Table, workspace_id: str, field_path: str = "workspac
     return str(parsed)
 
 
+def _text_of(column: Column) -> str:
+    """An unmodelled column's value in its text form."""
+    if column.type_name == "inet":
+        # inet's cast to text always adds the netmask ("10.0.0.1/32"); abbrev() prints
+        # what the type's output function does ("10.0.0.1").
+        return f"abbrev({column.quoted})"
+    return f"{column.quoted}::text"
+
+
 def _select_expr(column: Column) -> str:
     if column.as_text:
-        return f"{column.quoted}::text AS {column.quoted}"
+        return f"{_text_of(column)} AS {column.quoted}"
     return column.quoted
 
 
@@ -147,10 +156,10 @@ def _condition(table: Table, cond: query_pb2.Condition, params: _Params, path: s
             items.append(values.to_db(column, v, f"{path}.values[{i}]"))
         placeholder = params.add(items)
         if column.as_text:
-            return f"{column.quoted} = ANY(CAST({placeholder}::text[] AS {column.database_type}[]))"
+            return f"{column.quoted} = ANY(CAST({placeholder}::text[] AS {column.bind_type}[]))"
         if column.kind is Kind.JSON:
             return f"{column.quoted}::jsonb = ANY({placeholder}::jsonb[])"
-        return f"{column.quoted} = ANY({placeholder}::{column.database_type}[])"
+        return f"{column.quoted} = ANY({placeholder}::{column.bind_type}[])"
     if cond.values:
         raise invalid_argument(f"{path}.values", "only OPERATOR_IN takes `values`")
     if op in (query_pb2.OPERATOR_IS_NULL, query_pb2.OPERATOR_IS_NOT_NULL):
@@ -176,7 +185,7 @@ def _condition(table: Table, cond: query_pb2.Condition, params: _Params, path: s
         if cond.value.WhichOneof("kind") != "string_value":
             raise invalid_argument(value_path, "a LIKE pattern is a string_value")
         keyword = "LIKE" if op == query_pb2.OPERATOR_LIKE else "ILIKE"
-        lhs = f"{column.quoted}::text" if column.as_text else column.quoted
+        lhs = _text_of(column) if column.as_text else column.quoted
         return f"{lhs} {keyword} {params.add(cond.value.string_value)}"
     if op == query_pb2.OPERATOR_JSON_CONTAINS:
         if column.kind is not Kind.JSON:
@@ -388,11 +397,11 @@ def _insert_statements(
             arrays = []
             for column, column_values in zip(columns, by_column, strict=True):
                 placeholder = params.add(list(column_values))
-                element_type = "text" if column.as_text else column.database_type
+                element_type = "text" if column.as_text else column.bind_type
                 arrays.append(f"{placeholder}::{element_type}[]")
             names = ", ".join(f"c{i}" for i in range(len(columns)))
             picks = ", ".join(
-                f"CAST(u.c{i} AS {c.database_type})" if c.as_text else f"u.c{i}"
+                f"CAST(u.c{i} AS {c.bind_type})" if c.as_text else f"u.c{i}"
                 for i, c in enumerate(columns)
             )
             source = f"SELECT $1, {picks} FROM unnest({', '.join(arrays)}) AS u({names})"
@@ -431,12 +440,19 @@ def compile_upsert(table: Table, request: workspace_service_pb2.UpsertRequest) -
             raise invalid_argument(
                 f"conflict_columns[{i}]", f"column {column.name!r} is not among `columns`"
             )
-    if conflict and not any(set(key) == {c.name for c in conflict} for key in table.unique_keys):
-        raise invalid_argument(
-            "conflict_columns",
-            "the conflict columns are not a unique key of the table",
-            reason="NOT_A_UNIQUE_KEY",
-        )
+    if conflict:
+        named = {c.name for c in conflict}
+        keys = [set(key) for key in table.unique_keys]
+        if named not in keys:
+            # Callers never write workspace_id themselves, so ("name",) means the
+            # key (workspace_id, name) when that is the unique key the table has.
+            if named | {WORKSPACE_COLUMN} not in keys:
+                raise invalid_argument(
+                    "conflict_columns",
+                    "the conflict columns are not a unique key of the table",
+                    reason="NOT_A_UNIQUE_KEY",
+                )
+            conflict = [table.workspace_column, *conflict]
     target = "(" + ", ".join(c.quoted for c in conflict) + ")" if conflict else ""
     action = request.on_conflict
     if action == workspace_service_pb2.CONFLICT_ACTION_UPDATE:

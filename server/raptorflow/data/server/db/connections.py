@@ -21,6 +21,7 @@ from typing import Any, TypeAlias
 import asyncpg
 import tenacity
 from raptorflow.data.server.config import Settings
+from raptorflow.data.server.db import codecs
 from raptorflow.data.server.errors import Code, ServiceError
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ class Database:
                     min_size=self._settings.pool_min_size,
                     max_size=self._settings.pool_max_size,
                     reset=_no_reset,
+                    init=codecs.register,
                     **self._connect_kwargs(as_app_role=True),
                 )
         await self._ensure_session()
@@ -200,7 +202,13 @@ class Database:
         finally:
             # Shielded: a cancelled call must still hand its connection back, and
             # asyncpg waits for the server to confirm the cancelled query first.
-            await asyncio.shield(self.query_pool.release(connection))
+            # The timeout is explicit because asyncpg would otherwise reuse the
+            # acquire wait (often a few milliseconds of deadline) and, past it,
+            # drop the connection without cancelling: the query would then run on
+            # in PostgreSQL, and commit, after the caller was told it failed.
+            # PostgreSQL ends any statement by statement_timeout in any case.
+            release_timeout = self._settings.statement_timeout + self._settings.connect_timeout
+            await asyncio.shield(self.query_pool.release(connection, timeout=release_timeout))
 
     def pool_stats(self) -> Mapping[str, int]:
         pool = self.query_pool

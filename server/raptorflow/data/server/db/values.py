@@ -17,11 +17,19 @@ from typing import Any
 
 from google.protobuf import struct_pb2, timestamp_pb2
 from raptorflow.data.server.db.catalog import INT_BOUNDS, Column, Kind
+from raptorflow.data.server.db.codecs import (
+    DATE_INFINITY,
+    DATE_MINUS_INFINITY,
+    TIMESTAMP_INFINITY,
+    TIMESTAMP_MINUS_INFINITY,
+    PgDate,
+    PgTimestamp,
+)
 from raptorflow.data.server.errors import Code, ServiceError, invalid_argument
 from raptorflow.data.v1 import value_pb2
 
-_UTC = dt.UTC
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=_UTC)
+_PG_EPOCH_SECONDS = 946_684_800  # 2000-01-01T00:00:00Z, where PostgreSQL counts from
+_PG_EPOCH_DATE = dt.date(2000, 1, 1)
 _MIN_SECONDS = -62135596800  # 0001-01-01T00:00:00Z, the proto Timestamp range
 _MAX_SECONDS = 253402300799  # 9999-12-31T23:59:59Z
 
@@ -49,7 +57,8 @@ def parse_uuid(text: str, path: str) -> uuid.UUID:
         raise invalid_argument(path, f"not a UUID: {text[:64]!r}", reason="INVALID_UUID") from None
 
 
-def timestamp_to_datetime(ts: timestamp_pb2.Timestamp, path: str) -> dt.datetime:
+def timestamp_to_db(ts: timestamp_pb2.Timestamp, path: str) -> PgTimestamp:
+    """The instant as PostgreSQL stores it; for `timestamp` columns, its UTC wall-clock time."""
     if not _MIN_SECONDS <= ts.seconds <= _MAX_SECONDS or not 0 <= ts.nanos < 1_000_000_000:
         raise _out_of_range(path, "timestamp outside 0001-01-01 to 9999-12-31")
     if ts.nanos % 1000:
@@ -58,7 +67,7 @@ def timestamp_to_datetime(ts: timestamp_pb2.Timestamp, path: str) -> dt.datetime
             "timestamp has sub-microsecond precision, which PostgreSQL cannot store",
             reason="INVALID_VALUE",
         )
-    return _EPOCH + dt.timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
+    return PgTimestamp((ts.seconds - _PG_EPOCH_SECONDS) * 1_000_000 + ts.nanos // 1000)
 
 
 def _text(value: str, path: str) -> str:
@@ -110,13 +119,11 @@ def _scalar_to_db(
         case Kind.BYTES if which == "bytes_value":
             return value.bytes_value
         case Kind.TIMESTAMP if which == "timestamp_value":
-            instant = timestamp_to_datetime(value.timestamp_value, path)
-            # `timestamp` without time zone stores the UTC wall-clock time.
-            return instant if type_name == "timestamptz" else instant.replace(tzinfo=None)
+            return timestamp_to_db(value.timestamp_value, path)
         case Kind.DATE if which == "date_value":
             d = value.date_value
             try:
-                return dt.date(d.year, d.month, d.day)
+                return PgDate((dt.date(d.year, d.month, d.day) - _PG_EPOCH_DATE).days)
             except ValueError as exc:
                 raise invalid_argument(
                     path, f"not a valid date: {exc}", reason="INVALID_VALUE"
@@ -181,29 +188,47 @@ def _null() -> value_pb2.Value:
     return value_pb2.Value(null_value=struct_pb2.NULL_VALUE)
 
 
+def _unrepresentable(column_name: str, what: str) -> ServiceError:
+    return ServiceError(
+        Code.OUT_OF_RANGE,
+        "OUT_OF_RANGE",
+        f"column {column_name!r} holds {what}",
+        metadata={"column": column_name},
+    )
+
+
 def _timestamp(column_name: str) -> Encoder:
     def encode(v: object) -> value_pb2.Value:
         if v is None:
             return _null()
-        assert isinstance(v, dt.datetime)
-        if v.tzinfo is None:
-            if v in (dt.datetime.max, dt.datetime.min):
-                # asyncpg reads PostgreSQL's ±infinity as naive max/min for timestamptz.
-                raise ServiceError(
-                    Code.OUT_OF_RANGE,
-                    "OUT_OF_RANGE",
-                    f"column {column_name!r} holds an infinite timestamp,"
-                    " which has no Timestamp form",
-                    metadata={"column": column_name},
-                )
-            v = v.replace(tzinfo=_UTC)
-        delta = v - _EPOCH
-        seconds = delta.days * 86400 + delta.seconds
-        return value_pb2.Value(
-            timestamp_value=timestamp_pb2.Timestamp(
-                seconds=seconds, nanos=delta.microseconds * 1000
+        assert isinstance(v, PgTimestamp)
+        if v.microseconds in (TIMESTAMP_INFINITY, TIMESTAMP_MINUS_INFINITY):
+            raise _unrepresentable(
+                column_name, "an infinite timestamp, which has no Timestamp form"
             )
+        seconds, micros = divmod(v.microseconds, 1_000_000)
+        seconds += _PG_EPOCH_SECONDS
+        if not _MIN_SECONDS <= seconds <= _MAX_SECONDS:
+            raise _unrepresentable(column_name, "a timestamp outside the years 1 to 9999")
+        return value_pb2.Value(
+            timestamp_value=timestamp_pb2.Timestamp(seconds=seconds, nanos=micros * 1000)
         )
+
+    return encode
+
+
+def _date(column_name: str) -> Encoder:
+    def encode(v: object) -> value_pb2.Value:
+        if v is None:
+            return _null()
+        assert isinstance(v, PgDate)
+        if v.days in (DATE_INFINITY, DATE_MINUS_INFINITY):
+            raise _unrepresentable(column_name, "an infinite date, which has no Date form")
+        try:
+            d = _PG_EPOCH_DATE + dt.timedelta(days=v.days)
+        except OverflowError:
+            raise _unrepresentable(column_name, "a date outside the years 1 to 9999") from None
+        return value_pb2.Value(date_value=value_pb2.Date(year=d.year, month=d.month, day=d.day))
 
     return encode
 
@@ -217,15 +242,12 @@ def _element_encoder(kind: Kind | None) -> Callable[[object], value_pb2.Value]:
         case Kind.DOUBLE:
             return lambda v: value_pb2.Value(double_value=v)  # type: ignore[arg-type]
         case Kind.DECIMAL:
-            return lambda v: value_pb2.Value(decimal_value=str(v))
+            # Positional notation, as PostgreSQL prints numeric ("0.0000001", not "1E-7").
+            return lambda v: value_pb2.Value(decimal_value=format(v, "f"))
         case Kind.STRING:
             return lambda v: value_pb2.Value(string_value=v)  # type: ignore[arg-type]
         case Kind.BYTES:
             return lambda v: value_pb2.Value(bytes_value=v)  # type: ignore[arg-type]
-        case Kind.DATE:
-            return lambda v: value_pb2.Value(
-                date_value=value_pb2.Date(year=v.year, month=v.month, day=v.day)  # type: ignore[attr-defined]
-            )
         case Kind.UUID:
             return lambda v: value_pb2.Value(uuid_value=str(v))
         case Kind.JSON:
@@ -261,12 +283,15 @@ def encoder(column: Column) -> Encoder:
         return _nullable(lambda v: value_pb2.Value(string_value=str(v)))
     if column.kind is Kind.TIMESTAMP:
         return _timestamp(column.name)
+    if column.kind is Kind.DATE:
+        return _date(column.name)
     if column.kind is Kind.ARRAY:
-        element = _nullable(
-            _timestamp(column.name)
-            if column.element_kind is Kind.TIMESTAMP
-            else _element_encoder(column.element_kind)
-        )
+        if column.element_kind is Kind.TIMESTAMP:
+            element = _timestamp(column.name)
+        elif column.element_kind is Kind.DATE:
+            element = _date(column.name)
+        else:
+            element = _nullable(_element_encoder(column.element_kind))
 
         def encode_array(v: object) -> value_pb2.Value:
             assert isinstance(v, Sequence)

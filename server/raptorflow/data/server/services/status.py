@@ -68,6 +68,10 @@ def _from_postgres(exc: asyncpg.PostgresError) -> ServiceError:
     if sqlstate == "57014" and "statement timeout" not in str(exc):
         # Cancelled by an operator (pg_cancel_backend): rolled back, safe to retry.
         code, reason = Code.ABORTED, "QUERY_CANCELED"
+    # Only the primary message, which names tables, columns and constraints but no SQL:
+    # str(exc) would append asyncpg's DETAIL line, which repeats row values ("Key
+    # (workspace_id, name)=(...) already exists", "Failing row contains (...)").
+    primary = str(exc.args[0]) if exc.args else "the database refused the statement"
     metadata = {"sqlstate": sqlstate}
     violations: tuple[FieldViolation, ...] = ()
     column = getattr(exc, "column_name", None)
@@ -78,13 +82,11 @@ def _from_postgres(exc: asyncpg.PostgresError) -> ServiceError:
             metadata[key] = value
     if code is Code.INVALID_ARGUMENT:
         # The field is the column (not-null) or the constraint (check) that refused the value.
-        violations = (FieldViolation(column or constraint or "", str(exc)),)
+        violations = (FieldViolation(column or constraint or "", primary),)
     if code is Code.INTERNAL:
         log.error("unmapped database error %s: %s", sqlstate, exc)
         return ServiceError(code, reason, "the database reported an unexpected error", (), metadata)
-    # The primary message names tables, columns and constraints but never values or SQL;
-    # the detail line ("Key (id)=(...) already exists") is left out on purpose.
-    return ServiceError(code, reason, str(exc), violations, metadata)
+    return ServiceError(code, reason, primary, violations, metadata)
 
 
 def to_service_error(exc: BaseException) -> ServiceError:
