@@ -192,6 +192,13 @@ class Database:
         except TimeoutError:
             if deadline_first:
                 raise deadline_exceeded() from None
+            if self.query_pool.get_size() < self.query_pool.get_max_size():
+                # Room in the pool, yet no connection: opening a new one hung.
+                raise ServiceError(
+                    Code.UNAVAILABLE,
+                    "DATABASE_UNAVAILABLE",
+                    "the database cannot be reached",
+                ) from None
             raise ServiceError(
                 Code.RESOURCE_EXHAUSTED,
                 "POOL_EXHAUSTED",
