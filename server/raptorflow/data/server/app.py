@@ -152,12 +152,15 @@ async def start(settings: Settings) -> RunningServer:
         await database.close()
         raise
     health = HealthServicer()
-    server = build_server(settings, database, catalog, health)
-    port = server.add_insecure_port(settings.listen)
-    await server.start()
     database_health = DatabaseHealth(
         health, database, SERVED_SERVICES, interval=settings.health_interval
     )
+    # Known but NOT_SERVING until the first check passes, so a probe that comes
+    # in between sees NOT_SERVING rather than NOT_FOUND.
+    await database_health.set_all(False)
+    server = build_server(settings, database, catalog, health)
+    port = server.add_insecure_port(settings.listen)
+    await server.start()
     running = RunningServer(settings, server, port, database, health, database_health, catalog)
     await database_health.check_once()
     running.background = [

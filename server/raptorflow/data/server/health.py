@@ -29,8 +29,8 @@ Status: TypeAlias = "health_pb2.HealthCheckResponse.ServingStatus"
 class HealthServicer:
     """grpc.health.v1.Health (Check, List and Watch) for grpc.aio, ending Watch streams at shutdown.
 
-    Follows grpc's reference aio servicer (a status map and one condition per
-    watched name). It is written out here because the reference class is
+    Behaves as grpc's reference aio servicer (a status per name, watchers woken
+    on every change). It is written out here because the reference class is
     untyped, and because a Watch stream must end with UNAVAILABLE when the server
     stops: otherwise it holds `server.stop(grace)` open for the whole grace
     period instead of telling the client to reconnect elsewhere at once.
@@ -127,6 +127,7 @@ class DatabaseHealth:
         self._names = (READINESS, *services)
         self._interval = interval
         self._serving: bool | None = None
+        self._outage = False
 
     @property
     def serving(self) -> bool:
@@ -140,9 +141,10 @@ class DatabaseHealth:
     async def check_once(self) -> bool:
         healthy = await self._database.check()
         if healthy != self._serving:
-            if healthy and self._serving is False:
+            if healthy and self._outage:
                 # Connections pooled before the outage are broken; replace them lazily.
                 await self._database.expire_pooled_connections()
+            self._outage = not healthy
             log.log(
                 logging.INFO if healthy else logging.WARNING,
                 "database %s",
