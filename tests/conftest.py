@@ -25,7 +25,12 @@ from raptorflow.data.server import app
 from raptorflow.data.server.config import Settings
 from raptorflow.data.v1 import workspace_service_pb2_grpc
 
-SCHEMA_SQL = """
+# The one row of internal_secrets, a table no request may reach: no response carries it.
+SECRET = "do not leak"
+# A table whose name and columns need quoting.
+ODD_TABLE = 'Odd "Name" table'
+
+SCHEMA_SQL = f"""
 CREATE TABLE campaigns (
     id bigserial PRIMARY KEY,
     workspace_id uuid NOT NULL,
@@ -70,11 +75,29 @@ CREATE TABLE "Odd ""Name"" table" (
 
 -- No workspace_id column: never exposed.
 CREATE TABLE internal_secrets (id integer PRIMARY KEY, secret text NOT NULL);
-INSERT INTO internal_secrets VALUES (1, 'do not leak');
+INSERT INTO internal_secrets VALUES (1, '{SECRET}');
 """
+# The columns of campaigns in table order, as `SELECT *` and `RETURNING *` give them.
+CAMPAIGN_COLUMNS = [
+    "id",
+    "workspace_id",
+    "name",
+    "status",
+    "priority",
+    "budget",
+    "score",
+    "active",
+    "created_at",
+    "starts_on",
+    "external_id",
+    "payload",
+    "meta",
+    "tags",
+    "embedding",
+]
 
 
-def _with_database(url: str, database: str) -> str:
+def with_database(url: str, database: str) -> str:
     parts = urllib.parse.urlsplit(url)
     return urllib.parse.urlunsplit(parts._replace(path="/" + database))
 
@@ -107,7 +130,7 @@ def server_url() -> Iterator[str]:
 def database_url(server_url: str) -> Iterator[str]:
     """A fresh database with the test tables, dropped after the session."""
     name = f"raptorflow_test_{uuid.uuid4().hex[:12]}"
-    url = _with_database(server_url, name)
+    url = with_database(server_url, name)
 
     async def create() -> None:
         admin = await asyncpg.connect(server_url)

@@ -13,7 +13,6 @@ import signal
 import socket
 import sys
 import time
-import urllib.parse
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 import asyncpg
 import grpc
 import pytest
-from conftest import start_server
+from conftest import start_server, with_database
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
@@ -70,11 +69,6 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
-
-
-def with_database(url: str, database: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit(parts._replace(path="/" + database))
 
 
 # -- health ---------------------------------------------------------------------

@@ -19,7 +19,8 @@ from uuid import UUID
 import asyncpg
 import grpc
 import pytest
-from conftest import start_server
+from conftest import CAMPAIGN_COLUMNS, start_server
+from pg_activity import wait_for_lock_waits
 from raptorflow.data.client import (
     ERROR_DOMAIN,
     AlreadyExists,
@@ -38,24 +39,6 @@ from raptorflow.data.client import (
 )
 from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
-
-CAMPAIGN_COLUMNS = [
-    "id",
-    "workspace_id",
-    "name",
-    "status",
-    "priority",
-    "budget",
-    "score",
-    "active",
-    "created_at",
-    "starts_on",
-    "external_id",
-    "payload",
-    "meta",
-    "tags",
-    "embedding",
-]
 
 
 @pytest.fixture(scope="module")
@@ -614,18 +597,6 @@ async def test_metadata_is_accepted(server: RunningServer, workspace: str) -> No
 # Retries on UNAVAILABLE, by the service config
 
 
-async def _service_backend_waiting_for_lock(observer: asyncpg.Connection) -> int:
-    for _ in range(100):
-        pid = await observer.fetchval(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-            " AND application_name = 'raptorflow-data' AND wait_event_type = 'Lock'"
-        )
-        if pid is not None:
-            return int(pid)
-        await asyncio.sleep(0.02)
-    raise AssertionError("no backend of the service ever waited for the lock")
-
-
 async def _with_backend_killed(
     config: ClientConfig,
     db: asyncpg.Connection,
@@ -642,7 +613,7 @@ async def _with_backend_killed(
             try:
                 await db.execute("LOCK TABLE campaigns IN ACCESS EXCLUSIVE MODE")
                 pending = asyncio.create_task(call(data_client))
-                pid = await _service_backend_waiting_for_lock(observer)
+                pid = (await wait_for_lock_waits(observer))[0]
                 assert await observer.fetchval("SELECT pg_terminate_backend($1)", pid)
             finally:
                 await lock.rollback()

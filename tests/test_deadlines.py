@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,16 +18,16 @@ import asyncpg
 import grpc
 import pytest
 from conftest import start_server
-from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from messages import update_request
+from pg_activity import CLEAR_SNAPSHOT, insert_row, lock_row, wait_for_lock_waits
 from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
 from raptorflow.data.v1 import (
-    query_pb2,
-    value_pb2,
     workspace_service_pb2,
     workspace_service_pb2_grpc,
 )
+from statuses import error_reason
 
 pb = workspace_service_pb2
 Stub = workspace_service_pb2_grpc.WorkspaceServiceStub
@@ -41,25 +40,8 @@ FROM pg_stat_activity
 WHERE datname = current_database() AND application_name = 'raptorflow-data'
   AND state <> 'idle' AND query LIKE '%campaigns%'
 """
-SERVICE_LOCK_WAITS = """
-SELECT count(*) FROM pg_stat_activity
-WHERE datname = current_database() AND application_name = 'raptorflow-data'
-  AND wait_event_type = 'Lock'
-"""
-# Inside a transaction PostgreSQL keeps serving one snapshot of pg_stat_activity
-# (all but the wait event columns); the test's lock-holding connection must drop it.
-CLEAR_SNAPSHOT = "SELECT pg_stat_clear_snapshot()"
 # Cancelling a query takes a round trip to PostgreSQL on a second connection.
 QUIET_WITHIN = 3.0
-
-
-async def wait_for_lock_waits(db: asyncpg.Connection, count: int, within: float = 5.0) -> None:
-    async with asyncio.timeout(within):
-        while True:
-            await db.execute(CLEAR_SNAPSHOT)
-            if await db.fetchval(SERVICE_LOCK_WAITS) >= count:
-                return
-            await asyncio.sleep(0.02)
 
 
 async def assert_quiet(db: asyncpg.Connection, server: RunningServer) -> None:
@@ -79,43 +61,8 @@ async def assert_quiet(db: asyncpg.Connection, server: RunningServer) -> None:
     assert stats["size"] <= stats["max"]
 
 
-def error_reason(error: grpc.aio.AioRpcError) -> str:
-    for key, value in error.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            assert isinstance(value, bytes)
-            for detail in status_pb2.Status.FromString(value).details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    return info.reason
-    return ""
-
-
-def update_request(workspace: str, row_id: int, status: str) -> pb.UpdateRequest:
-    return pb.UpdateRequest(
-        workspace_id=workspace,
-        table="campaigns",
-        values={"status": value_pb2.Value(string_value=status)},
-        filter=query_pb2.Filter(
-            condition=query_pb2.Condition(
-                column="id",
-                operator=query_pb2.OPERATOR_EQ,
-                value=value_pb2.Value(int64_value=row_id),
-            )
-        ),
-    )
-
-
 def select_request(workspace: str) -> pb.SelectRequest:
     return pb.SelectRequest(workspace_id=workspace, table="campaigns", columns=["name", "status"])
-
-
-async def insert_row(db: asyncpg.Connection, workspace: str) -> int:
-    row_id: int = await db.fetchval(
-        "INSERT INTO campaigns (workspace_id, name, status) VALUES ($1, 'locked', 'original')"
-        " RETURNING id",
-        uuid.UUID(workspace),
-    )
-    return row_id
 
 
 async def status_after_release(db: asyncpg.Connection, row_id: int) -> str:
@@ -128,9 +75,9 @@ async def status_after_release(db: asyncpg.Connection, row_id: int) -> str:
 async def test_deadline_passing_in_a_lock_wait_cancels_the_query(
     db: asyncpg.Connection, server: RunningServer, stub: Stub, workspace: str
 ) -> None:
-    row_id = await insert_row(db, workspace)
+    row_id = await insert_row(db, workspace, "locked")
     async with db.transaction():
-        await db.execute("SELECT 1 FROM campaigns WHERE id = $1 FOR UPDATE", row_id)
+        await lock_row(db, row_id)
         started = time.monotonic()
         with pytest.raises(grpc.aio.AioRpcError) as failed:
             await stub.Update(update_request(workspace, row_id, "late"), timeout=0.5)
@@ -144,9 +91,9 @@ async def test_deadline_passing_in_a_lock_wait_cancels_the_query(
 async def test_client_cancel_cancels_the_query(
     db: asyncpg.Connection, server: RunningServer, stub: Stub, workspace: str
 ) -> None:
-    row_id = await insert_row(db, workspace)
+    row_id = await insert_row(db, workspace, "locked")
     async with db.transaction():
-        await db.execute("SELECT 1 FROM campaigns WHERE id = $1 FOR UPDATE", row_id)
+        await lock_row(db, row_id)
         call = stub.Update(update_request(workspace, row_id, "cancelled"), timeout=30.0)
         await wait_for_lock_waits(db, 1)
         assert server.database.pool_stats()["in_use"] == 1
@@ -163,7 +110,7 @@ async def test_many_calls_cancelled_or_timed_out_at_random_leak_nothing(
 ) -> None:
     """500 calls end at random moments: waiting for a connection, in a query, or done."""
     rng = random.Random(20240607)
-    row_id = await insert_row(db, workspace)
+    row_id = await insert_row(db, workspace, "locked")
     outcomes: Counter[str] = Counter()
     gate = asyncio.Semaphore(50)
 
@@ -197,7 +144,7 @@ async def test_many_calls_cancelled_or_timed_out_at_random_leak_nothing(
                 outcomes[f"{kind} {error.code().name}"] += 1
 
     async with db.transaction():
-        await db.execute("SELECT 1 FROM campaigns WHERE id = $1 FOR UPDATE", row_id)
+        await lock_row(db, row_id)
         await asyncio.gather(*(one(i) for i in range(500)))
         await assert_quiet(db, server)
 
@@ -232,12 +179,12 @@ async def small_pool(settings: Settings) -> AsyncIterator[RunningServer]:
 async def test_pool_exhaustion_is_resource_exhausted_or_deadline_exceeded(
     db: asyncpg.Connection, small_pool: RunningServer, workspace: str
 ) -> None:
-    row_id = await insert_row(db, workspace)
+    row_id = await insert_row(db, workspace, "locked")
     async with grpc.aio.insecure_channel(small_pool.address) as channel:
         stub = Stub(channel)
         health = health_pb2_grpc.HealthStub(channel)
         async with db.transaction():
-            await db.execute("SELECT 1 FROM campaigns WHERE id = $1 FOR UPDATE", row_id)
+            await lock_row(db, row_id)
             holders = [
                 stub.Update(update_request(workspace, row_id, f"holder-{i}"), timeout=30.0)
                 for i in range(2)
@@ -296,11 +243,11 @@ async def test_cancel_outlasting_the_acquire_wait_still_cancels_the_query(
     """Handing a connection back waits for PostgreSQL to confirm the cancel, however short
     the wait for the connection was; dropping it instead would orphan the query, which then
     commits once the lock is gone."""
-    row_id = await insert_row(db, workspace)
+    row_id = await insert_row(db, workspace, "locked")
     async with grpc.aio.insecure_channel(hasty_pool.address) as channel:
         stub = Stub(channel)
         async with db.transaction():
-            await db.execute("SELECT 1 FROM campaigns WHERE id = $1 FOR UPDATE", row_id)
+            await lock_row(db, row_id)
             for round_ in range(3):
                 calls = [
                     stub.Update(

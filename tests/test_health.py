@@ -16,7 +16,6 @@ import asyncpg
 import grpc
 import pytest
 from conftest import start_server
-from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
@@ -26,6 +25,7 @@ from raptorflow.data.v1 import (
     workspace_service_pb2,
     workspace_service_pb2_grpc,
 )
+from statuses import error_reason
 from tcp_proxy import TcpProxy
 
 pb = workspace_service_pb2
@@ -102,17 +102,6 @@ async def wait_for_status(
         )
         await asyncio.sleep(0.05)
     return time.monotonic() - started
-
-
-def error_reason(error: grpc.aio.AioRpcError) -> str:
-    for key, value in error.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            assert isinstance(value, bytes)
-            for detail in status_pb2.Status.FromString(value).details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    return info.reason
-    return ""
 
 
 def insert_request(workspace: str, name: str) -> pb.InsertRequest:

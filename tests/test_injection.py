@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import uuid
 from collections.abc import Awaitable, Callable
@@ -11,71 +10,13 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import struct_pb2
-from google.rpc import error_details_pb2, status_pb2
+from conftest import ODD_TABLE, SECRET
+from messages import Row, Value, cond, v
 from raptorflow.data.v1 import query_pb2, value_pb2, workspace_service_pb2
+from statuses import rpc_error
 
 pb = workspace_service_pb2
 q = query_pb2
-Value = value_pb2.Value
-Row = value_pb2.Row
-NULL = Value(null_value=struct_pb2.NULL_VALUE)
-ODD_TABLE = 'Odd "Name" table'
-SECRET = "do not leak"
-
-
-@dataclasses.dataclass
-class Failure:
-    code: grpc.StatusCode
-    message: str
-    reason: str
-    metadata: dict[str, str]
-    fields: list[str]
-
-
-async def rpc_error(call: Awaitable[object]) -> Failure:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    error = caught.value
-    raw = [v for k, v in (error.trailing_metadata() or ()) if k == "grpc-status-details-bin"]
-    assert len(raw) == 1
-    status = status_pb2.Status.FromString(raw[0])
-    info = error_details_pb2.ErrorInfo()
-    bad = error_details_pb2.BadRequest()
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            detail.Unpack(info)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            detail.Unpack(bad)
-    message = error.details() or ""
-    assert SECRET not in message
-    assert SECRET not in str(status)
-    return Failure(
-        error.code(),
-        message,
-        info.reason,
-        dict(info.metadata),
-        [v.field for v in bad.field_violations],
-    )
-
-
-def v(x: object) -> Value:
-    if isinstance(x, bool):
-        return Value(bool_value=x)
-    if isinstance(x, int):
-        return Value(int64_value=x)
-    if isinstance(x, str):
-        return Value(string_value=x)
-    raise TypeError(x)
-
-
-def cond(
-    column: str, op: int, value: Value | None = None, values: tuple[Value, ...] | list[Value] = ()
-) -> q.Filter:
-    c = q.Condition(column=column, operator=op, values=values)
-    if value is not None:
-        c.value.CopyFrom(value)
-    return q.Filter(condition=c)
 
 
 @pytest.fixture(autouse=True)
@@ -152,13 +93,15 @@ def _calls(table: str, workspace: str) -> dict[str, Callable[[Any], Awaitable[ob
 @pytest.mark.parametrize("table", BAD_TABLES)
 async def test_table_names_must_be_exposed_tables(stub, workspace, table):
     for rpc, call in _calls(table, workspace).items():
-        failure = await rpc_error(call(stub))
+        failure = await rpc_error(call(stub), echoed=table)
         assert (failure.code, failure.reason, failure.fields) == (
             grpc.StatusCode.INVALID_ARGUMENT,
             "UNKNOWN_TABLE",
             ["table"],
         ), rpc
-    described = await rpc_error(stub.DescribeTables(pb.DescribeTablesRequest(tables=[table])))
+    described = await rpc_error(
+        stub.DescribeTables(pb.DescribeTablesRequest(tables=[table])), echoed=table
+    )
     assert (described.code, described.reason, described.fields) == (
         grpc.StatusCode.INVALID_ARGUMENT,
         "UNKNOWN_TABLE",
@@ -172,7 +115,8 @@ async def test_table_names_must_be_exposed_tables(stub, workspace, table):
                     pb.BatchOperation(delete=pb.DeleteRequest(table=table, allow_unfiltered=True))
                 ],
             )
-        )
+        ),
+        echoed=table,
     )
     assert (batch.code, batch.reason, batch.fields) == (
         grpc.StatusCode.INVALID_ARGUMENT,

@@ -5,81 +5,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
-from collections.abc import Awaitable
 from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import struct_pb2
-from google.rpc import error_details_pb2, status_pb2
+from conftest import ODD_TABLE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from raptorflow.data.v1 import query_pb2, value_pb2, workspace_service_pb2
+from messages import NULL, Row, Value, any_of, cond, negate, v
+from raptorflow.data.v1 import query_pb2, workspace_service_pb2
+from statuses import rpc_error
 
 pb = workspace_service_pb2
 q = query_pb2
-Value = value_pb2.Value
-Row = value_pb2.Row
-NULL = Value(null_value=struct_pb2.NULL_VALUE)
-ODD_TABLE = 'Odd "Name" table'
-
-
-@dataclasses.dataclass
-class Failure:
-    code: grpc.StatusCode
-    reason: str
-    fields: list[str]
-
-
-async def rpc_error(call: Awaitable[object]) -> Failure:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    error = caught.value
-    raw = [v for k, v in (error.trailing_metadata() or ()) if k == "grpc-status-details-bin"]
-    status = status_pb2.Status.FromString(raw[0])
-    info = error_details_pb2.ErrorInfo()
-    bad = error_details_pb2.BadRequest()
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            detail.Unpack(info)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            detail.Unpack(bad)
-    return Failure(error.code(), info.reason, [v.field for v in bad.field_violations])
-
-
-def v(x: object) -> Value:
-    if x is None:
-        return NULL
-    if isinstance(x, bool):
-        return Value(bool_value=x)
-    if isinstance(x, int):
-        return Value(int64_value=x)
-    if isinstance(x, float):
-        return Value(double_value=x)
-    if isinstance(x, str):
-        return Value(string_value=x)
-    raise TypeError(x)
-
-
-def cond(
-    column: str, op: int, value: Value | None = None, values: tuple[Value, ...] = ()
-) -> q.Filter:
-    c = q.Condition(column=column, operator=op, values=values)
-    if value is not None:
-        c.value.CopyFrom(value)
-    return q.Filter(condition=c)
 
 
 def ws_eq(workspace: str, op: int = q.OPERATOR_EQ) -> q.Filter:
     return cond("workspace_id", op, Value(uuid_value=workspace))
-
-
-def any_of(*filters: q.Filter) -> q.Filter:
-    return q.Filter(group=q.FilterGroup(operator=q.GROUP_OPERATOR_OR, filters=filters))
-
-
-def negate(f: q.Filter) -> q.Filter:
-    return q.Filter(negation=q.Negation(filter=f))
 
 
 # name, status, priority, score, active, meta

@@ -2,99 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 import uuid
-from collections.abc import Awaitable
 from typing import Any
 
 import grpc
 import pytest
-from conftest import start_server
-from google.protobuf import struct_pb2
-from google.rpc import error_details_pb2, status_pb2
+from conftest import CAMPAIGN_COLUMNS, start_server
+from messages import NULL, Row, Value, eq, row, v
 from raptorflow.data.v1 import (
-    query_pb2,
     value_pb2,
     workspace_service_pb2,
     workspace_service_pb2_grpc,
 )
+from statuses import rpc_error
 
 pb = workspace_service_pb2
-q = query_pb2
-Value = value_pb2.Value
-Row = value_pb2.Row
-NULL = Value(null_value=struct_pb2.NULL_VALUE)
-SQL_FRAGMENTS = ("SELECT ", "INSERT INTO", 'UPDATE "', "DELETE FROM", "$1", "RETURNING", "unnest(")
-
-
-@dataclasses.dataclass
-class Failure:
-    """A failed call's status and its AIP-193 details."""
-
-    code: grpc.StatusCode
-    message: str
-    reason: str
-    metadata: dict[str, str]
-    fields: list[str]
-
-
-async def rpc_error(call: Awaitable[object]) -> Failure:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    error = caught.value
-    raw = [v for k, v in (error.trailing_metadata() or ()) if k == "grpc-status-details-bin"]
-    assert len(raw) == 1, "the status carries no grpc-status-details-bin"
-    status = status_pb2.Status.FromString(raw[0])
-    assert status.code == error.code().value[0]
-    info = error_details_pb2.ErrorInfo()
-    bad = error_details_pb2.BadRequest()
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            detail.Unpack(info)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            detail.Unpack(bad)
-    assert info.domain == "data.raptorflow.dev"
-    message = error.details() or ""
-    assert error.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), message
-    for fragment in SQL_FRAGMENTS:
-        assert fragment not in message, message
-    return Failure(
-        error.code(),
-        message,
-        info.reason,
-        dict(info.metadata),
-        [v.field for v in bad.field_violations],
-    )
-
-
-def v(x: object) -> Value:
-    if x is None:
-        return NULL
-    if isinstance(x, bool):
-        return Value(bool_value=x)
-    if isinstance(x, int):
-        return Value(int64_value=x)
-    if isinstance(x, float):
-        return Value(double_value=x)
-    if isinstance(x, str):
-        return Value(string_value=x)
-    raise TypeError(x)
-
-
-def row(*cells: object) -> Row:
-    return Row(values=[c if isinstance(c, Value) else v(c) for c in cells])
-
-
-def cond(column: str, op: int, value: Value | None = None) -> q.Filter:
-    c = q.Condition(column=column, operator=op)
-    if value is not None:
-        c.value.CopyFrom(value)
-    return q.Filter(condition=c)
-
-
-def eq(column: str, x: object) -> q.Filter:
-    return cond(column, q.OPERATOR_EQ, v(x))
 
 
 def py(value: Value) -> Any:
@@ -141,23 +64,7 @@ async def test_insert_one_returning_star(stub, db, workspace):
         )
     )
     assert inserted.affected_count == 1
-    assert list(inserted.returning.columns) == [
-        "id",
-        "workspace_id",
-        "name",
-        "status",
-        "priority",
-        "budget",
-        "score",
-        "active",
-        "created_at",
-        "starts_on",
-        "external_id",
-        "payload",
-        "meta",
-        "tags",
-        "embedding",
-    ]
+    assert list(inserted.returning.columns) == CAMPAIGN_COLUMNS
     cells = dict(zip(inserted.returning.columns, inserted.returning.rows[0].values, strict=True))
     record = await db.fetchrow("SELECT * FROM campaigns WHERE workspace_id = $1", workspace)
     assert cells["id"] == Value(int64_value=record["id"])

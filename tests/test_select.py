@@ -11,94 +11,24 @@ import math
 import random
 import re
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
 import pytest
-from conftest import start_server
-from google.protobuf import struct_pb2, timestamp_pb2
-from google.rpc import error_details_pb2, status_pb2
+from conftest import CAMPAIGN_COLUMNS, start_server
+from google.protobuf import timestamp_pb2
+from messages import NULL, Value, all_of, any_of, cond, negate, v
 from raptorflow.data.v1 import (
     query_pb2,
     value_pb2,
     workspace_service_pb2,
     workspace_service_pb2_grpc,
 )
+from statuses import rpc_error
 
 pb = workspace_service_pb2
 q = query_pb2
-Value = value_pb2.Value
-NULL = Value(null_value=struct_pb2.NULL_VALUE)
-
-
-@dataclasses.dataclass
-class Failure:
-    """A failed call's status and its AIP-193 details."""
-
-    code: grpc.StatusCode
-    message: str
-    reason: str
-    metadata: dict[str, str]
-    fields: list[str]
-
-
-async def rpc_error(call: Awaitable[object]) -> Failure:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    error = caught.value
-    raw = [v for k, v in (error.trailing_metadata() or ()) if k == "grpc-status-details-bin"]
-    assert len(raw) == 1, "the status carries no grpc-status-details-bin"
-    status = status_pb2.Status.FromString(raw[0])
-    assert status.code == error.code().value[0]
-    info = error_details_pb2.ErrorInfo()
-    bad = error_details_pb2.BadRequest()
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            detail.Unpack(info)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            detail.Unpack(bad)
-    assert info.domain == "data.raptorflow.dev"
-    return Failure(
-        error.code(),
-        error.details() or "",
-        info.reason,
-        dict(info.metadata),
-        [v.field for v in bad.field_violations],
-    )
-
-
-def v(x: object) -> Value:
-    if isinstance(x, bool):
-        return Value(bool_value=x)
-    if isinstance(x, int):
-        return Value(int64_value=x)
-    if isinstance(x, float):
-        return Value(double_value=x)
-    if isinstance(x, str):
-        return Value(string_value=x)
-    raise TypeError(x)
-
-
-def cond(
-    column: str, op: int, value: Value | None = None, values: Sequence[Value] = ()
-) -> q.Filter:
-    c = q.Condition(column=column, operator=op, values=values)  # type: ignore[arg-type]
-    if value is not None:
-        c.value.CopyFrom(value)
-    return q.Filter(condition=c)
-
-
-def all_of(*filters: q.Filter) -> q.Filter:
-    return q.Filter(group=q.FilterGroup(operator=q.GROUP_OPERATOR_AND, filters=filters))
-
-
-def any_of(*filters: q.Filter) -> q.Filter:
-    return q.Filter(group=q.FilterGroup(operator=q.GROUP_OPERATOR_OR, filters=filters))
-
-
-def negate(f: q.Filter) -> q.Filter:
-    return q.Filter(negation=q.Negation(filter=f))
 
 
 def json_value(doc: object) -> Value:
@@ -385,23 +315,7 @@ async def test_select_every_column_in_table_order(stub, campaigns):
             filter=cond("name", q.OPERATOR_EQ, v("eta")),
         )
     )
-    assert list(page.columns) == [
-        "id",
-        "workspace_id",
-        "name",
-        "status",
-        "priority",
-        "budget",
-        "score",
-        "active",
-        "created_at",
-        "starts_on",
-        "external_id",
-        "payload",
-        "meta",
-        "tags",
-        "embedding",
-    ]
+    assert list(page.columns) == CAMPAIGN_COLUMNS
     (row,) = page.rows
     cells = dict(zip(page.columns, row.values, strict=True))
     assert cells["id"] == v(campaigns.ids["eta"])

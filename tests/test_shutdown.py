@@ -16,11 +16,11 @@ import grpc
 import pytest
 from conftest import start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from messages import update_request
+from pg_activity import insert_row, lock_row, service_backends, wait_for_lock_waits
 from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
 from raptorflow.data.v1 import (
-    query_pb2,
-    value_pb2,
     workspace_service_pb2,
     workspace_service_pb2_grpc,
 )
@@ -29,27 +29,6 @@ pb = workspace_service_pb2
 Stub = workspace_service_pb2_grpc.WorkspaceServiceStub
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-# pg_stat_activity is one snapshot per transaction; the lock-holding connection drops it.
-CLEAR_SNAPSHOT = "SELECT pg_stat_clear_snapshot()"
-SERVICE_BACKENDS = """
-SELECT pid, state, wait_event_type, left(query, 120) AS query FROM pg_stat_activity
-WHERE datname = current_database() AND application_name = 'raptorflow-data'
-"""
-
-
-async def service_backends(db: asyncpg.Connection) -> dict[int, asyncpg.Record]:
-    await db.execute(CLEAR_SNAPSHOT)
-    return {r["pid"]: r for r in await db.fetch(SERVICE_BACKENDS)}
-
-
-async def wait_for_lock_wait(db: asyncpg.Connection) -> None:
-    async with asyncio.timeout(5.0):
-        while True:
-            backends = await service_backends(db)
-            if any(r["wait_event_type"] == "Lock" for r in backends.values()):
-                return
-            await asyncio.sleep(0.02)
 
 
 async def assert_backends_gone(db: asyncpg.Connection, before: set[int]) -> None:
@@ -60,35 +39,6 @@ async def assert_backends_gone(db: asyncpg.Connection, before: set[int]) -> None
     }:
         assert time.monotonic() - started < 3.0, f"server connections left open: {left}"
         await asyncio.sleep(0.05)
-
-
-async def insert_row(db: asyncpg.Connection, workspace: str) -> int:
-    row_id: int = await db.fetchval(
-        "INSERT INTO campaigns (workspace_id, name, status) VALUES ($1, 'draining', 'original')"
-        " RETURNING id",
-        uuid.UUID(workspace),
-    )
-    return row_id
-
-
-async def lock_row(db: asyncpg.Connection, row_id: int) -> None:
-    """Locks the row until the caller's transaction ends, so an Update of it waits."""
-    await db.execute("SELECT 1 FROM campaigns WHERE id = $1 FOR UPDATE", row_id)
-
-
-def update_request(workspace: str, row_id: int, status: str) -> pb.UpdateRequest:
-    return pb.UpdateRequest(
-        workspace_id=workspace,
-        table="campaigns",
-        values={"status": value_pb2.Value(string_value=status)},
-        filter=query_pb2.Filter(
-            condition=query_pb2.Condition(
-                column="id",
-                operator=query_pb2.OPERATOR_EQ,
-                value=value_pb2.Value(int64_value=row_id),
-            )
-        ),
-    )
 
 
 async def assert_refused(address: str) -> None:
@@ -112,13 +62,13 @@ async def test_stop_drains_in_flight_call_and_ends_watch_at_once(
         async with grpc.aio.insecure_channel(running.address) as channel:
             stub = Stub(channel)
             health = health_pb2_grpc.HealthStub(channel)
-            row_id = await insert_row(db, workspace)
+            row_id = await insert_row(db, workspace, "draining")
             lock = db.transaction()
             await lock.start()
             try:
                 await lock_row(db, row_id)
                 in_flight = stub.Update(update_request(workspace, row_id, "drained"), timeout=30.0)
-                await wait_for_lock_wait(db)
+                await wait_for_lock_waits(db)
                 watch = health.Watch(health_pb2.HealthCheckRequest(service="readiness"))
                 async with asyncio.timeout(2.0):
                     assert (await watch.read()).status == SERVING
@@ -174,11 +124,11 @@ async def test_call_outliving_grace_is_cancelled_in_postgres_too(
     try:
         async with grpc.aio.insecure_channel(running.address) as channel:
             stub = Stub(channel)
-            row_id = await insert_row(db, workspace)
+            row_id = await insert_row(db, workspace, "draining")
             async with db.transaction():
                 await lock_row(db, row_id)
                 in_flight = stub.Update(update_request(workspace, row_id, "too late"), timeout=30.0)
-                await wait_for_lock_wait(db)
+                await wait_for_lock_waits(db)
                 stop_began = time.monotonic()
                 async with asyncio.timeout(grace + 5.0):
                     await running.stop()

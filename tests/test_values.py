@@ -2,65 +2,25 @@
 
 from __future__ import annotations
 
-import dataclasses
 import decimal
 import json
 import math
 import struct
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 
 import grpc
 import pytest
-from google.protobuf import struct_pb2, timestamp_pb2
-from google.rpc import error_details_pb2, status_pb2
+from conftest import ODD_TABLE
+from google.protobuf import timestamp_pb2
+from messages import NULL, Value, eq
 from raptorflow.data.v1 import query_pb2, value_pb2, workspace_service_pb2
+from statuses import Failure, rpc_error
 
 pb = workspace_service_pb2
-Value = value_pb2.Value
-
-NULL = Value(null_value=struct_pb2.NULL_VALUE)
 PG_EPOCH_SECONDS = 946_684_800  # 2000-01-01T00:00:00Z
 MIN_SECONDS = -62_135_596_800  # 0001-01-01T00:00:00Z
 MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
-
-
-@dataclasses.dataclass
-class Failure:
-    """A failed call's status and its AIP-193 details."""
-
-    code: grpc.StatusCode
-    message: str
-    reason: str
-    domain: str
-    metadata: dict[str, str]
-    fields: list[str]
-
-
-async def rpc_error(call: Awaitable[object]) -> Failure:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    error = caught.value
-    raw = [v for k, v in (error.trailing_metadata() or ()) if k == "grpc-status-details-bin"]
-    assert len(raw) == 1, "the status carries no grpc-status-details-bin"
-    status = status_pb2.Status.FromString(raw[0])
-    assert status.code == error.code().value[0]
-    assert status.message == error.details()
-    info = error_details_pb2.ErrorInfo()
-    bad = error_details_pb2.BadRequest()
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            detail.Unpack(info)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            detail.Unpack(bad)
-    return Failure(
-        error.code(),
-        error.details() or "",
-        info.reason,
-        info.domain,
-        dict(info.metadata),
-        [v.field for v in bad.field_violations],
-    )
 
 
 def ts(seconds: int, nanos: int = 0) -> Value:
@@ -73,12 +33,6 @@ def date(year: int, month: int, day: int) -> Value:
 
 def array(*items: Value) -> Value:
     return Value(array_value=value_pb2.ArrayValue(values=items))
-
-
-def eq(column: str, value: Value) -> query_pb2.Filter:
-    return query_pb2.Filter(
-        condition=query_pb2.Condition(column=column, operator=query_pb2.OPERATOR_EQ, value=value)
-    )
 
 
 def required(table: str, i: int = 0) -> tuple[str, Value]:
@@ -976,7 +930,6 @@ ODD_COLUMNS = [
     ("select", "text", K.VALUE_KIND_STRING, 0, True, False),
     ("drop table x; --", "text", K.VALUE_KIND_STRING, 0, True, False),
 ]
-ODD_TABLE = 'Odd "Name" table'
 
 
 def _columns(table: pb.TableDescription) -> list[tuple[object, ...]]:

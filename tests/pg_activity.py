@@ -1,0 +1,57 @@
+"""The service's backends as PostgreSQL's pg_stat_activity shows them, for tests that
+hold a row lock from their own connection and watch the service's statements wait on it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import asyncpg
+
+# Inside a transaction PostgreSQL keeps serving one snapshot of pg_stat_activity
+# (all but the wait event columns); a lock-holding connection must drop it.
+CLEAR_SNAPSHOT = "SELECT pg_stat_clear_snapshot()"
+SERVICE_BACKENDS = """
+SELECT pid, state, wait_event_type, left(query, 120) AS query FROM pg_stat_activity
+WHERE datname = current_database() AND application_name = 'raptorflow-data'
+"""
+
+
+async def service_backends(db: asyncpg.Connection) -> dict[int, asyncpg.Record]:
+    """The service's connections to the test database now, by backend pid."""
+    await db.execute(CLEAR_SNAPSHOT)
+    return {r["pid"]: r for r in await db.fetch(SERVICE_BACKENDS)}
+
+
+async def wait_for_lock_waits(
+    db: asyncpg.Connection, count: int = 1, within: float = 5.0
+) -> list[int]:
+    """Waits until at least `count` of the service's backends wait for a lock; their pids."""
+    started = time.monotonic()
+    while True:
+        waiting = [
+            pid for pid, r in (await service_backends(db)).items() if r["wait_event_type"] == "Lock"
+        ]
+        if len(waiting) >= count:
+            return waiting
+        assert time.monotonic() - started < within, (
+            f"fewer than {count} backends of the service waited for a lock within {within} s"
+        )
+        await asyncio.sleep(0.02)
+
+
+async def insert_row(db: asyncpg.Connection, workspace: str, name: str) -> int:
+    """A campaign named `name` with status 'original', written directly; its id."""
+    row_id: int = await db.fetchval(
+        "INSERT INTO campaigns (workspace_id, name, status) VALUES ($1, $2, 'original')"
+        " RETURNING id",
+        uuid.UUID(workspace),
+        name,
+    )
+    return row_id
+
+
+async def lock_row(db: asyncpg.Connection, row_id: int) -> None:
+    """Locks the row until the caller's transaction ends, so an Update of it waits."""
+    await db.execute("SELECT 1 FROM campaigns WHERE id = $1 FOR UPDATE", row_id)
