@@ -29,14 +29,14 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import uvloop
 from raptorflow.data.server.app import run_migrations
 from raptorflow.data.server.config import Settings
 from raptorflow.data.server.db import compiler, migrations, values
-from raptorflow.data.server.db.catalog import Catalog, CatalogCache, load_catalog
+from raptorflow.data.server.db.catalog import Catalog, CatalogCache, Column, load_catalog
 from raptorflow.data.server.db.connections import Database, Deadline
 from raptorflow.data.server.db.page_tokens import PageTokenCodec
 from raptorflow.data.server.services.workspace import WorkspaceServicer
@@ -51,6 +51,16 @@ class _Context:
 
     def time_remaining(self) -> float | None:
         return None
+
+
+def respond(
+    columns: Sequence[Column], records: Sequence[Any], visible: int
+) -> workspace_service_pb2.SelectResponse:
+    """The response as `WorkspaceServicer.Select` builds it: in place, rows encoded into it."""
+    response = workspace_service_pb2.SelectResponse()
+    response.columns.extend(c.name for c in columns[:visible])
+    values.encode_rows(response.rows, columns, records, visible)
+    return response
 
 
 def _sync_cost(function: Callable[[], object], calls: int) -> float:
@@ -113,25 +123,23 @@ async def measure(server_url: str, calls: int) -> list[tuple[Any, ...]]:
             statement = plan.statement
             async with data.connection(Deadline(None)) as conn:
                 records = await conn.fetch(statement.sql, *statement.args)
-            encoded = values.encode_rows(statement.output, records, plan.visible)
+            response = respond(statement.output, records, plan.visible)
             parse = workspace_service_pb2.SelectRequest.FromString
 
             def compile_once() -> object:
                 return compiler.compile_select(table, requests[0], page_size=1, cursor=None)
 
             def encode_once() -> object:
-                return values.encode_rows(statement.output, records, plan.visible)
+                return respond(statement.output, records, plan.visible)
 
-            def respond_once() -> object:
-                return workspace_service_pb2.SelectResponse(
-                    columns=[c.name for c in statement.output], rows=encoded
-                ).SerializeToString()
+            def serialize_once() -> object:
+                return response.SerializeToString()
 
             lines += [
                 ("SelectRequest.FromString", _sync_cost(lambda: parse(raw), calls)),
                 ("compiler.compile_select", _sync_cost(compile_once, calls)),
-                ("values.encode_rows (1 row, 5 columns)", _sync_cost(encode_once, calls)),
-                ("SelectResponse(...).SerializeToString()", _sync_cost(respond_once, calls)),
+                ("SelectResponse + encode_rows (1 row, 5 cols)", _sync_cost(encode_once, calls)),
+                ("SelectResponse.SerializeToString()", _sync_cost(serialize_once, calls)),
             ]
             pool = data.query_pool
             sql, workspace, limit = statement.sql, statement.args[0], statement.args[2]
@@ -149,10 +157,7 @@ async def measure(server_url: str, calls: int) -> list[tuple[Any, ...]]:
 
             async def fetch_and_encode(i: int) -> object:
                 rows = await wrapped_fetch(i)
-                return workspace_service_pb2.SelectResponse(
-                    columns=[c.name for c in statement.output],
-                    rows=values.encode_rows(statement.output, rows, plan.visible),
-                )
+                return respond(statement.output, rows, plan.visible)
 
             async def compile_fetch_and_encode(i: int) -> object:
                 compiled = compiler.compile_select(
@@ -163,10 +168,7 @@ async def measure(server_url: str, calls: int) -> list[tuple[Any, ...]]:
                     rows = await conn.fetch(
                         compiled.sql, *compiled.args, timeout=deadline.timeout(30.0)
                     )
-                return workspace_service_pb2.SelectResponse(
-                    columns=[c.name for c in compiled.output],
-                    rows=values.encode_rows(compiled.output, rows, plan.visible),
-                )
+                return respond(compiled.output, rows, plan.visible)
 
             servicer = WorkspaceServicer(settings, data, catalog, PageTokenCodec(b"k" * 32))
             context: Any = _Context()

@@ -55,7 +55,7 @@ INCLUSIVE: Sequence[tuple[str, str, str]] = (
     ("  asyncpg Connection.fetch", "Connection.fetch ", "asyncpg/connection.py"),
     ("    asyncio.timeout (fetch timeout=)", "timeout ", "asyncio/timeouts.py"),
     ("  encode_rows", "encode_rows ", "db/values.py"),
-    ("    values.encoder (per call)", "encoder ", "db/values.py"),
+    ("    values.setter (per call)", "setter ", "db/values.py"),
 )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -89,8 +90,9 @@ class Column:
     as_text: bool
     """True for types this API does not model: read as `::text`, written as text cast back."""
 
-    @property
+    @functools.cached_property
     def quoted(self) -> str:
+        # Cached: the compiler splices it into every statement, several times over.
         return quote_ident(self.name)
 
 
@@ -105,7 +107,7 @@ class Table:
     unique_keys: tuple[tuple[str, ...], ...]
     by_name: Mapping[str, Column] = field(repr=False, compare=False)
 
-    @property
+    @functools.cached_property
     def qualified(self) -> str:
         return f"{quote_ident(self.schema)}.{quote_ident(self.name)}"
 

@@ -2,8 +2,8 @@
 
 Input is converted to the type of the column it is written to or compared with,
 so a mismatch is reported with the request field that carried it; output is
-converted by column kind, with one encoder function per column chosen once per
-statement rather than per cell.
+written in place into the response by one setter function per column kind,
+chosen once per statement and never built per call.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import datetime as dt
 import decimal
 import json
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from raptorflow.data.server.db.catalog import INT_BOUNDS, Column, Kind
 from raptorflow.data.server.db.codecs import (
     DATE_INFINITY,
@@ -32,8 +33,6 @@ _PG_EPOCH_SECONDS = 946_684_800  # 2000-01-01T00:00:00Z, where PostgreSQL counts
 _PG_EPOCH_DATE = dt.date(2000, 1, 1)
 _MIN_SECONDS = -62135596800  # 0001-01-01T00:00:00Z, the proto Timestamp range
 _MAX_SECONDS = 253402300799  # 9999-12-31T23:59:59Z
-
-Encoder = Callable[[object], value_pb2.Value]
 
 
 def _mismatch(path: str, column: Column, got: str) -> ServiceError:
@@ -182,10 +181,23 @@ def to_db(column: Column, value: value_pb2.Value, path: str) -> object:
 
 # ---------------------------------------------------------------------------
 # Output
+#
+# Output values are written in place: each cell is a `Value` added to its row
+# (`row.values.add()`), and a setter fills its field. upb copies a message that
+# is handed to a constructor or to `append`/`extend`, so building `Value`s first
+# and passing them on would copy every cell once more. The setters are plain
+# functions chosen by column kind, so nothing is built per call.
+
+Setter = Callable[[value_pb2.Value, Any], None]
+"""Fills an empty `Value` from one non-NULL asyncpg value of a column."""
 
 
-def _null() -> value_pb2.Value:
-    return value_pb2.Value(null_value=struct_pb2.NULL_VALUE)
+class _Unrepresentable(Exception):
+    """A stored value the API has no form for; the caller names the column."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
 
 
 def _unrepresentable(column_name: str, what: str) -> ServiceError:
@@ -197,69 +209,72 @@ def _unrepresentable(column_name: str, what: str) -> ServiceError:
     )
 
 
-def _timestamp(column_name: str) -> Encoder:
-    def encode(v: object) -> value_pb2.Value:
-        if v is None:
-            return _null()
-        assert isinstance(v, PgTimestamp)
-        if v.microseconds in (TIMESTAMP_INFINITY, TIMESTAMP_MINUS_INFINITY):
-            raise _unrepresentable(
-                column_name, "an infinite timestamp, which has no Timestamp form"
-            )
-        seconds, micros = divmod(v.microseconds, 1_000_000)
-        seconds += _PG_EPOCH_SECONDS
-        if not _MIN_SECONDS <= seconds <= _MAX_SECONDS:
-            raise _unrepresentable(column_name, "a timestamp outside the years 1 to 9999")
-        return value_pb2.Value(
-            timestamp_value=timestamp_pb2.Timestamp(seconds=seconds, nanos=micros * 1000)
-        )
-
-    return encode
+def _set_bool(value: value_pb2.Value, v: Any) -> None:
+    value.bool_value = v
 
 
-def _date(column_name: str) -> Encoder:
-    def encode(v: object) -> value_pb2.Value:
-        if v is None:
-            return _null()
-        assert isinstance(v, PgDate)
-        if v.days in (DATE_INFINITY, DATE_MINUS_INFINITY):
-            raise _unrepresentable(column_name, "an infinite date, which has no Date form")
-        try:
-            d = _PG_EPOCH_DATE + dt.timedelta(days=v.days)
-        except OverflowError:
-            raise _unrepresentable(column_name, "a date outside the years 1 to 9999") from None
-        return value_pb2.Value(date_value=value_pb2.Date(year=d.year, month=d.month, day=d.day))
-
-    return encode
+def _set_int64(value: value_pb2.Value, v: Any) -> None:
+    value.int64_value = v
 
 
-def _element_encoder(kind: Kind | None) -> Callable[[object], value_pb2.Value]:
-    match kind:
-        case Kind.BOOL:
-            return lambda v: value_pb2.Value(bool_value=v)  # type: ignore[arg-type]
-        case Kind.INT64:
-            return lambda v: value_pb2.Value(int64_value=v)  # type: ignore[arg-type]
-        case Kind.DOUBLE:
-            return lambda v: value_pb2.Value(double_value=v)  # type: ignore[arg-type]
-        case Kind.DECIMAL:
-            # Positional notation, as PostgreSQL prints numeric ("0.0000001", not "1E-7").
-            return lambda v: value_pb2.Value(decimal_value=format(v, "f"))
-        case Kind.STRING:
-            return lambda v: value_pb2.Value(string_value=v)  # type: ignore[arg-type]
-        case Kind.BYTES:
-            return lambda v: value_pb2.Value(bytes_value=v)  # type: ignore[arg-type]
-        case Kind.UUID:
-            return lambda v: value_pb2.Value(uuid_value=str(v))
-        case Kind.JSON:
-            return lambda v: value_pb2.Value(json_value=v)  # type: ignore[arg-type]
-    raise AssertionError(f"no element encoder for {kind}")
+def _set_double(value: value_pb2.Value, v: Any) -> None:
+    value.double_value = v
 
 
-def _nullable(encode: Callable[[object], value_pb2.Value]) -> Encoder:
-    def encode_or_null(v: object) -> value_pb2.Value:
-        return _null() if v is None else encode(v)
+def _set_decimal(value: value_pb2.Value, v: Any) -> None:
+    # Positional notation, as PostgreSQL prints numeric ("0.0000001", not "1E-7").
+    value.decimal_value = format(v, "f")
 
-    return encode_or_null
+
+def _set_string(value: value_pb2.Value, v: Any) -> None:
+    value.string_value = v
+
+
+def _set_text(value: value_pb2.Value, v: Any) -> None:
+    value.string_value = str(v)
+
+
+def _set_bytes(value: value_pb2.Value, v: Any) -> None:
+    value.bytes_value = v
+
+
+def _set_uuid(value: value_pb2.Value, v: Any) -> None:
+    value.uuid_value = str(v)
+
+
+def _set_json(value: value_pb2.Value, v: Any) -> None:
+    value.json_value = v
+
+
+def _set_timestamp(value: value_pb2.Value, v: Any) -> None:
+    assert isinstance(v, PgTimestamp)
+    if v.microseconds in (TIMESTAMP_INFINITY, TIMESTAMP_MINUS_INFINITY):
+        raise _Unrepresentable("an infinite timestamp, which has no Timestamp form")
+    seconds, micros = divmod(v.microseconds, 1_000_000)
+    seconds += _PG_EPOCH_SECONDS
+    if not _MIN_SECONDS <= seconds <= _MAX_SECONDS:
+        raise _Unrepresentable("a timestamp outside the years 1 to 9999")
+    timestamp = value.timestamp_value
+    timestamp.seconds = seconds
+    timestamp.nanos = micros * 1000
+
+
+def _set_date(value: value_pb2.Value, v: Any) -> None:
+    assert isinstance(v, PgDate)
+    if v.days in (DATE_INFINITY, DATE_MINUS_INFINITY):
+        raise _Unrepresentable("an infinite date, which has no Date form")
+    try:
+        d = _PG_EPOCH_DATE + dt.timedelta(days=v.days)
+    except OverflowError:
+        raise _Unrepresentable("a date outside the years 1 to 9999") from None
+    date = value.date_value
+    date.year, date.month, date.day = d.year, d.month, d.day
+
+
+def _set_vector(value: value_pb2.Value, v: Any) -> None:
+    vector = value.vector_value
+    vector.SetInParent()  # an empty vector is still a vector, not an unset value
+    vector.values.extend(v)
 
 
 def _parse_pgvector(text: str) -> list[float]:
@@ -267,50 +282,94 @@ def _parse_pgvector(text: str) -> list[float]:
     return [float(x) for x in inner.split(",")] if inner else []
 
 
-def encoder(column: Column) -> Encoder:
-    """The function that turns this column's asyncpg values into `Value`s."""
+def _set_pgvector_text(value: value_pb2.Value, v: Any) -> None:
+    _set_vector(value, _parse_pgvector(str(v)))
+
+
+_SETTERS: Mapping[Kind, Setter] = {
+    Kind.BOOL: _set_bool,
+    Kind.INT64: _set_int64,
+    Kind.DOUBLE: _set_double,
+    Kind.DECIMAL: _set_decimal,
+    Kind.STRING: _set_string,
+    Kind.BYTES: _set_bytes,
+    Kind.UUID: _set_uuid,
+    Kind.JSON: _set_json,
+    Kind.TIMESTAMP: _set_timestamp,
+    Kind.DATE: _set_date,
+}
+
+
+def _array_setter(set_element: Setter) -> Setter:
+    def set_array(value: value_pb2.Value, v: Any) -> None:
+        assert isinstance(v, Sequence)
+        array = value.array_value
+        array.SetInParent()  # an empty array is still an array, not an unset value
+        elements = array.values
+        for x in v:
+            element = elements.add()
+            if x is None:
+                element.null_value = struct_pb2.NULL_VALUE
+            else:
+                set_element(element, x)
+
+    return set_array
+
+
+# Built once: an array column's setter only depends on its element kind.
+_ARRAY_SETTERS: Mapping[Kind, Setter] = {
+    kind: _array_setter(set_element) for kind, set_element in _SETTERS.items()
+}
+
+
+def setter(column: Column) -> Setter:
+    """The function that writes this column's non-NULL asyncpg values into a `Value`."""
     if column.kind is Kind.VECTOR:
-        if column.as_text:
-            return _nullable(
-                lambda v: value_pb2.Value(
-                    vector_value=value_pb2.FloatVector(values=_parse_pgvector(str(v)))
-                )
-            )
-        return _nullable(
-            lambda v: value_pb2.Value(vector_value=value_pb2.FloatVector(values=v))  # type: ignore[arg-type]
-        )
+        return _set_pgvector_text if column.as_text else _set_vector
     if column.as_text:
-        return _nullable(lambda v: value_pb2.Value(string_value=str(v)))
-    if column.kind is Kind.TIMESTAMP:
-        return _timestamp(column.name)
-    if column.kind is Kind.DATE:
-        return _date(column.name)
+        return _set_text
     if column.kind is Kind.ARRAY:
-        if column.element_kind is Kind.TIMESTAMP:
-            element = _timestamp(column.name)
-        elif column.element_kind is Kind.DATE:
-            element = _date(column.name)
-        else:
-            element = _nullable(_element_encoder(column.element_kind))
+        assert column.element_kind is not None  # the catalog sets it on every ARRAY column
+        return _ARRAY_SETTERS[column.element_kind]
+    return _SETTERS[column.kind]
 
-        def encode_array(v: object) -> value_pb2.Value:
-            assert isinstance(v, Sequence)
-            return value_pb2.Value(array_value=value_pb2.ArrayValue(values=[element(x) for x in v]))
 
-        return _nullable(encode_array)
-    return _nullable(_element_encoder(column.kind))
+def _fill(value: value_pb2.Value, column: Column, set_value: Setter, cell: Any) -> None:
+    """Fills `value` from one cell; NULL is the same for every kind, so it is handled here."""
+    if cell is None:
+        value.null_value = struct_pb2.NULL_VALUE
+        return
+    try:
+        set_value(value, cell)
+    except _Unrepresentable as exc:
+        raise _unrepresentable(column.name, exc.what) from None
+
+
+def to_value(column: Column, cell: Any) -> value_pb2.Value:
+    """One asyncpg value of `column` as a `Value`."""
+    value = value_pb2.Value()
+    _fill(value, column, setter(column), cell)
+    return value
 
 
 def encode_rows(
-    columns: Sequence[Column], records: Sequence[Any], width: int | None = None
-) -> list[value_pb2.Row]:
-    """Rows of `Value`s from asyncpg records; `width` keeps only the leading columns."""
-    encoders = [encoder(c) for c in columns[: width if width is not None else len(columns)]]
-    return [
-        value_pb2.Row(values=[encode(cell) for encode, cell in zip(encoders, record, strict=False)])
-        for record in records
-    ]
+    rows: RepeatedCompositeFieldContainer[value_pb2.Row],
+    columns: Sequence[Column],
+    records: Sequence[Any],
+    width: int | None = None,
+) -> None:
+    """Appends one `Row` per asyncpg record to `rows`; `width` keeps only the leading columns."""
+    shown = columns[:width] if width is not None else columns
+    writers = [(column, setter(column)) for column in shown]
+    for record in records:
+        cells = rows.add().values
+        # zip stops at the shorter: records may carry trailing sort keys beyond `width`.
+        for (column, set_value), cell in zip(writers, record, strict=False):
+            _fill(cells.add(), column, set_value, cell)
 
 
 def row_set(columns: Sequence[Column], records: Sequence[Any]) -> value_pb2.RowSet:
-    return value_pb2.RowSet(columns=[c.name for c in columns], rows=encode_rows(columns, records))
+    result = value_pb2.RowSet()
+    result.columns.extend(c.name for c in columns)
+    encode_rows(result.rows, columns, records)
+    return result

@@ -147,18 +147,17 @@ class WorkspaceServicer(workspace_service_pb2_grpc.WorkspaceServiceServicer):
                 timeout=deadline.timeout(self._settings.statement_timeout),
             )
         page = records[:page_size]
-        next_page_token = ""
+        response = pb.SelectResponse()
         if len(records) > page_size and plan.paginated:
             last = page[-1]
             cursor_values = [
-                values.encoder(statement.output[p])(last[p]) for p in plan.key_positions
+                values.to_value(statement.output[p], last[p]) for p in plan.key_positions
             ]
-            next_page_token = self._tokens.issue(request, cursor_values)
-        return pb.SelectResponse(
-            columns=[c.name for c in statement.output[: plan.visible]],
-            rows=values.encode_rows(statement.output, page, plan.visible),
-            next_page_token=next_page_token,
-        )
+            response.next_page_token = self._tokens.issue(request, cursor_values)
+        # Filled in place: upb would copy rows handed to the constructor.
+        response.columns.extend(c.name for c in statement.output[: plan.visible])
+        values.encode_rows(response.rows, statement.output, page, plan.visible)
+        return response
 
     @rpc_errors
     async def Count(self, request: pb.CountRequest, context: Context) -> pb.CountResponse:
