@@ -24,6 +24,7 @@ from conftest import start_server, with_database
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
+from raptorflow.data.server.db.migrations import bundled_migrations
 from raptorflow.data.v1 import workspace_service_pb2, workspace_service_pb2_grpc
 
 COMMAND = (sys.executable, "-m", "raptorflow.data.server")
@@ -134,9 +135,11 @@ async def empty_database(db: asyncpg.Connection, database_url: str) -> AsyncIter
 
 
 async def test_migrate_applies_once_and_is_idempotent(empty_database: str) -> None:
+    bundled = bundled_migrations()
+    assert bundled[0].version == 1
     first = await raptorflow_data("migrate", "--database-url", empty_database)
     assert first.returncode == 0, first
-    assert first.stdout.strip() == "applied migrations: [1]"
+    assert first.stdout.strip() == f"applied migrations: {[m.version for m in bundled]}"
     again = await raptorflow_data("migrate", "--database-url", empty_database)
     assert again.returncode == 0, again
     assert again.stdout.strip() == "schema is up to date"
@@ -148,7 +151,7 @@ async def test_migrate_applies_once_and_is_idempotent(empty_database: str) -> No
         )
     finally:
         await conn.close()
-    assert [tuple(r) for r in ledger] == [(1, "service_schema")]
+    assert [tuple(r) for r in ledger] == [(m.version, m.name) for m in bundled]
 
 
 async def test_migrate_without_database_url_exits_2() -> None:

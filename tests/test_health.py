@@ -17,7 +17,7 @@ import grpc
 import pytest
 from conftest import start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from raptorflow.data.server.app import RunningServer
+from raptorflow.data.server.app import SERVED_SERVICES, RunningServer
 from raptorflow.data.server.config import Settings
 from raptorflow.data.v1 import (
     query_pb2,
@@ -148,7 +148,7 @@ async def test_list_returns_every_status(health: health_pb2_grpc.HealthStub) -> 
     assert {name: s.status for name, s in response.statuses.items()} == {
         "": SERVING,
         "readiness": SERVING,
-        WORKSPACE_SERVICE: SERVING,
+        **dict.fromkeys(SERVED_SERVICES, SERVING),
     }
 
 

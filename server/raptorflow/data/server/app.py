@@ -26,14 +26,25 @@ from raptorflow.data.server.db.catalog import Catalog, CatalogCache, load_catalo
 from raptorflow.data.server.db.connections import Database
 from raptorflow.data.server.db.page_tokens import PageTokenCodec
 from raptorflow.data.server.health import DatabaseHealth, HealthServicer
+from raptorflow.data.server.memory.store import MemoryStore
+from raptorflow.data.server.services.memory_sync import MemorySyncServicer
 from raptorflow.data.server.services.workspace import WorkspaceServicer
-from raptorflow.data.v1 import workspace_service_pb2, workspace_service_pb2_grpc
+from raptorflow.data.server.sync.streams import SyncStreams
+from raptorflow.data.v1 import (
+    memory_sync_service_pb2,
+    memory_sync_service_pb2_grpc,
+    workspace_service_pb2,
+    workspace_service_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
 WORKSPACE_SERVICE = workspace_service_pb2.DESCRIPTOR.services_by_name["WorkspaceService"].full_name
+MEMORY_SYNC_SERVICE = memory_sync_service_pb2.DESCRIPTOR.services_by_name[
+    "MemorySyncService"
+].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-SERVED_SERVICES = (WORKSPACE_SERVICE,)
+SERVED_SERVICES = (WORKSPACE_SERVICE, MEMORY_SYNC_SERVICE)
 
 
 @dataclass
@@ -47,6 +58,8 @@ class RunningServer:
     health: HealthServicer
     database_health: DatabaseHealth
     catalog: CatalogCache
+    sync_streams: SyncStreams
+    memory_store: MemoryStore
     background: list[asyncio.Task[None]] = field(default_factory=list)
     _stopped: bool = False
 
@@ -67,6 +80,7 @@ class RunningServer:
         # Watchers were notified of NOT_SERVING above; give them a tick to send it.
         await asyncio.sleep(0.05)
         await self.health.close_streams()
+        await self.sync_streams.close()
         await self.server.stop(grace)
         for task in self.background:
             task.cancel()
@@ -113,7 +127,12 @@ async def run_migrations(settings: Settings, database: Database) -> list[int]:
 
 
 def build_server(
-    settings: Settings, database: Database, catalog: CatalogCache, health: HealthServicer
+    settings: Settings,
+    database: Database,
+    catalog: CatalogCache,
+    health: HealthServicer,
+    sync_streams: SyncStreams,
+    memory_store: MemoryStore,
 ) -> grpc.aio.Server:
     """The grpc.aio server with every servicer, health and reflection added (not started)."""
     server = grpc.aio.server(
@@ -126,6 +145,9 @@ def build_server(
     )
     workspace_service_pb2_grpc.add_WorkspaceServiceServicer_to_server(
         WorkspaceServicer(settings, database, catalog, _token_codec(settings)), server
+    )
+    memory_sync_service_pb2_grpc.add_MemorySyncServiceServicer_to_server(
+        MemorySyncServicer(sync_streams, memory_store), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if settings.reflection:
@@ -158,10 +180,29 @@ async def start(settings: Settings) -> RunningServer:
     # Known but NOT_SERVING until the first check passes, so a probe that comes
     # in between sees NOT_SERVING rather than NOT_FOUND.
     await database_health.set_all(False)
-    server = build_server(settings, database, catalog, health)
+    sync_streams = SyncStreams(settings, database, catalog)
+    memory_store = MemoryStore(settings, database)
+    try:
+        await memory_store.prepare()
+        await sync_streams.start()
+    except BaseException:
+        await sync_streams.close()
+        await database.close()
+        raise
+    server = build_server(settings, database, catalog, health, sync_streams, memory_store)
     port = server.add_insecure_port(settings.listen)
     await server.start()
-    running = RunningServer(settings, server, port, database, health, database_health, catalog)
+    running = RunningServer(
+        settings,
+        server,
+        port,
+        database,
+        health,
+        database_health,
+        catalog,
+        sync_streams,
+        memory_store,
+    )
     await database_health.check_once()
     running.background = [
         asyncio.create_task(database_health.run_forever(), name="database-health"),

@@ -36,10 +36,17 @@ def _parser() -> argparse.ArgumentParser:
             "owner_database_url",
             "app_role",
             "schema",
+            "tables",
             "connect_timeout",
             "connect_retry_seconds",
             "log_level",
         ],
+    )
+    migrate.add_argument(
+        "--sync-tables",
+        metavar="all|TABLE[,TABLE...]",
+        help="also install change capture for sync streams on these exposed tables "
+        "('all': every exposed table with a primary key); idempotent",
     )
     health = commands.add_parser(
         "health", help="probe a server's health; exit 0 only when it reports SERVING"
@@ -56,15 +63,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _migrate(settings: config.Settings) -> None:
+async def _migrate(settings: config.Settings, sync_tables: str | None) -> None:
     from raptorflow.data.server.app import run_migrations
     from raptorflow.data.server.db.connections import Database
+    from raptorflow.data.server.sync import capture
 
     database = Database(settings)
     try:
         await database.open_owner()
         applied = await run_migrations(settings, database)
         print(f"applied migrations: {applied}" if applied else "schema is up to date")
+        if sync_tables is not None:
+            installed = await capture.install(database, settings, sync_tables)
+            print(f"change capture installed on: {', '.join(installed) or 'no table'}")
     finally:
         await database.close()
 
@@ -86,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: set DATABASE_URL or pass --database-url", file=sys.stderr)
         return 2
     if args.command == "migrate":
-        _run(_migrate(settings))
+        _run(_migrate(settings, args.sync_tables))
         return 0
     from raptorflow.data.server.app import serve
 

@@ -68,6 +68,19 @@ class Settings:
     """Largest request or response message, in bytes."""
     catalog_refresh_seconds: float = 30.0
     """Seconds between reloads of the exposed tables' shape from the catalog."""
+    sync_poll_seconds: float = 3.0
+    """Seconds between fallback polls of the change log that wake sync streams a NOTIFY missed
+    (also the keepalive of the LISTEN connection)."""
+    sync_checkpoint_seconds: float = 5.0
+    """Least seconds between CHECKPOINT messages of a following sync stream whose position moved
+    without changes for it."""
+    sync_prune_seconds: float = 60.0
+    """Seconds between prunings of the change log."""
+    sync_retention_seconds: float = 604800.0
+    """Seconds a change-log entry is kept at most, acknowledged or not (default 7 days)."""
+    sync_consumer_expiry_seconds: float = 86400.0
+    """Seconds after its last acknowledgement (or stream start) a named sync consumer stops
+    holding back pruning."""
     log_level: str = "INFO"
     """Python logging level name."""
 

@@ -94,7 +94,8 @@ def _text_of(column: Column) -> str:
     return f"{column.quoted}::text"
 
 
-def _select_expr(column: Column) -> str:
+def select_expr(column: Column) -> str:
+    """How a column is read: as itself, or in text form for types the API does not model."""
     if column.as_text:
         return f"{_text_of(column)} AS {column.quoted}"
     return column.quoted
@@ -123,7 +124,7 @@ def returning_columns(
 def _returning_sql(columns: Sequence[Column]) -> str:
     if not columns:
         return ""
-    return " RETURNING " + ", ".join(_select_expr(c) for c in columns)
+    return " RETURNING " + ", ".join(select_expr(c) for c in columns)
 
 
 # ---------------------------------------------------------------------------
@@ -288,9 +289,7 @@ def compile_select(
             )
         where += " AND " + _after(keys, cursor, params)
     order_sql = ", ".join(f"{c.quoted}{' DESC' if desc else ''}" for c, desc in keys)
-    sql = (
-        f"SELECT {', '.join(_select_expr(c) for c in output)} FROM {table.qualified} WHERE {where}"
-    )
+    sql = f"SELECT {', '.join(select_expr(c) for c in output)} FROM {table.qualified} WHERE {where}"
     if order_sql:
         sql += f" ORDER BY {order_sql}"
     sql += f" LIMIT {params.add(page_size + 1)}"

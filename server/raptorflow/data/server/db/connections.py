@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -79,6 +80,10 @@ def deadline_exceeded() -> ServiceError:
     return ServiceError(Code.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "the call's deadline passed")
 
 
+def _set_event(event: asyncio.Event, *_: object) -> None:
+    event.set()
+
+
 async def _no_reset(connection: asyncpg.Connection) -> None:
     # asyncpg's default reset (unlock advisory locks, CLOSE ALL, UNLISTEN, RESET
     # ALL) costs a round trip per release. Pooled connections never take
@@ -96,6 +101,7 @@ class Database:
         self._owner_pool: asyncpg.Pool | None = None
         self._session: asyncpg.Connection | None = None
         self._session_lock = asyncio.Lock()
+        self._listeners: list[asyncio.Task[None]] = []
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -150,6 +156,7 @@ class Database:
 
     async def close(self) -> None:
         """Closes everything; waits for released connections, then terminates stragglers."""
+        await self._stop_listeners()
         for pool in (self._query_pool, self._owner_pool):
             if pool is not None:
                 try:
@@ -160,6 +167,76 @@ class Database:
         if self._session is not None:
             self._session.terminate()
             self._session = None
+
+    # -- change notifications ----------------------------------------------------
+
+    def add_change_listener(
+        self,
+        channel: str,
+        on_payload: Callable[[str], None],
+        on_gap: Callable[[], None],
+        *,
+        keepalive: float,
+    ) -> None:
+        """LISTENs on `channel` on a connection of its own, for as long as the database is open.
+
+        `on_payload` gets each notification's payload. The connection is checked
+        every `keepalive` seconds and reopened with back-off when it is lost.
+        `on_gap` runs whenever notifications may have been missed: when the
+        connection is lost (readers then find out whether the database is) and
+        after every (re)connect, once LISTEN is in place.
+        """
+        task = asyncio.create_task(
+            self._listen_forever(channel, on_payload, on_gap, keepalive),
+            name=f"listen-{channel}",
+        )
+        self._listeners.append(task)
+
+    async def _listen_forever(
+        self,
+        channel: str,
+        on_payload: Callable[[str], None],
+        on_gap: Callable[[], None],
+        keepalive: float,
+    ) -> None:
+        delay = 0.1
+        while True:
+            connection: asyncpg.Connection | None = None
+            listening = False
+            try:
+                connection = await asyncpg.connect(
+                    self._settings.database_url, **self._connect_kwargs(as_app_role=True)
+                )
+                lost = asyncio.Event()
+                connection.add_termination_listener(functools.partial(_set_event, lost))
+                await connection.add_listener(
+                    channel, lambda _connection, _pid, _channel, payload: on_payload(str(payload))
+                )
+                delay = 0.1
+                listening = True
+                on_gap()
+                while not lost.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), keepalive)
+                    if not lost.is_set():
+                        await connection.fetchval("SELECT 1", timeout=self._settings.health_timeout)
+            except Exception as exc:  # the listener outlives any failure; it reconnects
+                log.warning("LISTEN %s connection lost: %s", channel, exc or type(exc).__name__)
+            finally:
+                if connection is not None:
+                    connection.terminate()
+            if listening:
+                on_gap()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _stop_listeners(self) -> None:
+        listeners, self._listeners = self._listeners, []
+        for task in listeners:
+            task.cancel()
+        for task in listeners:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     # -- access --------------------------------------------------------------
 
@@ -209,13 +286,17 @@ class Database:
         finally:
             # Shielded: a cancelled call must still hand its connection back, and
             # asyncpg waits for the server to confirm the cancelled query first.
+            # Pool.release shields that work itself (it runs the hand-back under
+            # asyncio.shield, as a task of its own), so a second cancel during
+            # the release ends only our wait, never the release; shielding it
+            # again here would only cost one more task per call.
             # The timeout is explicit because asyncpg would otherwise reuse the
             # acquire wait (often a few milliseconds of deadline) and, past it,
             # drop the connection without cancelling: the query would then run on
             # in PostgreSQL, and commit, after the caller was told it failed.
             # PostgreSQL ends any statement by statement_timeout in any case.
             release_timeout = self._settings.statement_timeout + self._settings.connect_timeout
-            await asyncio.shield(self.query_pool.release(connection, timeout=release_timeout))
+            await self.query_pool.release(connection, timeout=release_timeout)
 
     def pool_stats(self) -> Mapping[str, int]:
         pool = self.query_pool

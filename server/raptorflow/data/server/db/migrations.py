@@ -100,6 +100,25 @@ async def provision_app_role(
         await conn.execute(
             f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {quote_ident(schema)} TO {role_ident}"
         )
+        # The service's own tables (change log, consumers, memory records); the
+        # migration ledger stays the owner's alone.
+        await conn.execute(f"GRANT USAGE ON SCHEMA raptorflow_data TO {role_ident}")
+        await conn.execute(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA raptorflow_data"
+            f" TO {role_ident}"
+        )
+        await conn.execute(
+            f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA raptorflow_data TO {role_ident}"
+        )
+        await conn.execute(f"REVOKE ALL ON raptorflow_data.schema_migrations FROM {role_ident}")
+        # Only the capture triggers (SECURITY DEFINER, as the owner) and pruning
+        # (owner pool) write the change log; queries only read it.
+        for table in ("change_log", "change_log_pruned"):
+            if await conn.fetchval("SELECT to_regclass($1)", f"raptorflow_data.{table}"):
+                await conn.execute(
+                    f"REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON raptorflow_data.{table}"
+                    f" FROM {role_ident}"
+                )
         for table in tables:
             await conn.execute(
                 "GRANT SELECT, INSERT, UPDATE, DELETE ON "

@@ -9,18 +9,16 @@ their exact types.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
 from collections.abc import Sequence
 
 from raptorflow.data.server.errors import invalid_argument
+from raptorflow.data.server.signing import Signer
 from raptorflow.data.v1 import value_pb2, workspace_service_pb2
 
 _VERSION = b"\x01"
 _FINGERPRINT_BYTES = 16
-_MAC_BYTES = 16
 _FIELD = "page_token"
 
 
@@ -30,7 +28,7 @@ class PageTokenCodec:
     def __init__(self, key: bytes) -> None:
         if not key:
             raise ValueError("a page token key is required")
-        self._key = key
+        self._signer = Signer(key)
 
     @staticmethod
     def fingerprint(request: workspace_service_pb2.SelectRequest) -> bytes:
@@ -43,27 +41,16 @@ class PageTokenCodec:
             :_FINGERPRINT_BYTES
         ]
 
-    def _mac(self, body: bytes) -> bytes:
-        return hmac.new(self._key, body, hashlib.sha256).digest()[:_MAC_BYTES]
-
     def issue(
         self, request: workspace_service_pb2.SelectRequest, cursor: Sequence[value_pb2.Value]
     ) -> str:
         payload = value_pb2.ArrayValue(values=cursor).SerializeToString(deterministic=True)
-        body = _VERSION + self.fingerprint(request) + payload
-        return base64.urlsafe_b64encode(body + self._mac(body)).rstrip(b"=").decode()
+        return self._signer.seal(_VERSION + self.fingerprint(request) + payload)
 
     def verify(self, request: workspace_service_pb2.SelectRequest) -> list[value_pb2.Value]:
         """The cursor values of the request's page token, or INVALID_ARGUMENT."""
-        token = request.page_token
-        try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        except (binascii.Error, ValueError):
-            raise self._invalid("is not a token this service issued") from None
-        if len(raw) < 1 + _FINGERPRINT_BYTES + _MAC_BYTES or raw[:1] != _VERSION:
-            raise self._invalid("is not a token this service issued")
-        body, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
-        if not hmac.compare_digest(mac, self._mac(body)):
+        body = self._signer.open(request.page_token)
+        if body is None or len(body) < 1 + _FINGERPRINT_BYTES or body[:1] != _VERSION:
             raise self._invalid("is not a token this service issued")
         if not hmac.compare_digest(body[1 : 1 + _FINGERPRINT_BYTES], self.fingerprint(request)):
             raise self._invalid(

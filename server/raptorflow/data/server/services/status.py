@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import asyncpg
@@ -178,5 +178,32 @@ def rpc_errors(
         except Exception as exc:
             await abort_with(context, to_service_error(exc))
             raise AssertionError("abort returned") from exc
+
+    return wrapper
+
+
+def stream_errors(
+    method: Callable[
+        [Servicer, Request, grpc.aio.ServicerContext[Request, Response]], AsyncIterator[Response]
+    ],
+) -> Callable[
+    [Servicer, Request, grpc.aio.ServicerContext[Request, Response]], AsyncIterator[Response]
+]:
+    """Wraps a server-streaming servicer method (an async generator) like `rpc_errors`.
+
+    Messages already sent stay sent; the failure ends the stream with its status.
+    """
+
+    @functools.wraps(method)
+    async def wrapper(
+        self: Servicer, request: Request, context: grpc.aio.ServicerContext[Request, Response]
+    ) -> AsyncIterator[Response]:
+        try:
+            async for response in method(self, request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort_with(context, to_service_error(exc))
 
     return wrapper

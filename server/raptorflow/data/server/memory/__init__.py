@@ -1,0 +1,1 @@
+"""Memory records: the memory system's embeddings and their similarity search."""

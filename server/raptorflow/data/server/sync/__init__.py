@@ -1,0 +1,1 @@
+"""Sync streams: snapshots, the change log and its readers, resume tokens, consumers."""

@@ -1,0 +1,71 @@
+"""`sync/fanout.py` on its own: wake-ups reach only their workspace, and a shared read is
+only joined by callers woken before it started (no wake-up is lost by sharing)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from raptorflow.data.server.sync.fanout import SharedReads, Wakeups
+
+
+async def settle() -> None:
+    """Lets every task that is ready run until it waits."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_wake_ups_reach_only_their_workspace() -> None:
+    wakeups = Wakeups()
+    a, b = wakeups.subscribe("a"), wakeups.subscribe("b")
+    wakeups.wake("a")
+    assert a.event.is_set()
+    assert not b.event.is_set()
+    assert a.woken_at > b.woken_at
+    wakeups.wake_all()
+    assert b.event.is_set()
+    wakeups.unsubscribe("a", a)
+    wakeups.unsubscribe("b", b)
+    assert wakeups.workspaces() == []
+    assert len(wakeups) == 0
+
+
+async def test_a_read_is_shared_only_with_callers_woken_before_it_started() -> None:
+    wakeups = Wakeups()
+    reads: list[int] = []
+    release = asyncio.Event()
+
+    async def read() -> int:
+        reads.append(len(reads))
+        await release.wait()
+        return len(reads)
+
+    shared: SharedReads[str, int] = SharedReads(wakeups.tick)
+    early = wakeups.tick()
+    first = asyncio.ensure_future(shared.get("k", read, started_after=early))
+    await settle()
+    joined = asyncio.ensure_future(shared.get("k", read, started_after=early))
+    await settle()
+    assert reads == [0], "a caller woken before the read started shares it"
+    late = wakeups.tick()  # woken after the read started: its change may be missing
+    own = asyncio.ensure_future(shared.get("k", read, started_after=late))
+    await settle()
+    assert reads == [0, 1]
+    release.set()
+    assert {await first, await joined, await own} == {2}
+    assert shared.started == 2
+
+
+async def test_a_kept_result_serves_late_callers_woken_before_it_started() -> None:
+    wakeups = Wakeups()
+    calls = 0
+
+    async def read() -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    shared: SharedReads[None, int] = SharedReads(wakeups.tick, keep_result=True)
+    woken = wakeups.tick()
+    assert await shared.get(None, read, started_after=woken) == 1
+    assert await shared.get(None, read, started_after=woken) == 1
+    assert await shared.get(None, read, started_after=wakeups.tick()) == 2
