@@ -31,8 +31,10 @@ from raptorflow.data.client import (
     FailedPrecondition,
     InvalidArgument,
     Json,
+    MemoryRecord,
     SelectResult,
     Unavailable,
+    UpsertCounts,
     Vector,
     any_of,
     eq,
@@ -555,6 +557,73 @@ async def test_workspaces_are_isolated(
     b_rows = await _names(db, other_workspace)
     assert {n: (r["id"], r["priority"]) for n, r in b_rows.items()} == {"shared": (b_id, 2)}
     assert [r["name"] for r in (await b.select("name").execute()).data] == ["shared"]
+
+
+# --------------------------------------------------------------------------
+# Memory records
+
+
+async def test_memory_delete_records(
+    client: DataClient, db: asyncpg.Connection, workspace: str, other_workspace: str
+) -> None:
+    """The memory controller's path: records derived from rows, removed when rows go."""
+    records = [
+        MemoryRecord(
+            "note-1-fact", "fact", embedding=[1.0, 0.0], source_table="notes", source_row_id="1"
+        ),
+        MemoryRecord(
+            "note-1-summary",
+            "summary",
+            embedding=[0.0, 1.0],
+            source_table="notes",
+            source_row_id="1",
+        ),
+        MemoryRecord(
+            "note-2", "fact", embedding=[1.0, 1.0], source_table="notes", source_row_id="2"
+        ),
+        MemoryRecord("loose", "fact", embedding=[1.0, 0.5]),
+    ]
+    for ws in (workspace, other_workspace):
+        counts = await client.memory.upsert_records(ws, records)
+        assert counts == UpsertCounts(inserted=4, updated=0, batches=1)
+
+    async def remaining(ws: str) -> list[str]:
+        results = await client.memory.search(ws, [1.0, 0.25], top_k=10)
+        return sorted(result.record.id for result in results)
+
+    memory = client.memory
+    row_ids = [str(row_id) for row_id in (1, 3)]  # as a consumer turns DELETE rows' keys
+    assert await memory.delete_records(workspace, source_table="notes", source_row_ids=row_ids) == 2
+    assert await remaining(workspace) == ["loose", "note-2"]
+    assert await memory.delete_records(UUID(workspace), ids=["loose", "missing"]) == 1
+    # Idempotent: the same call again deletes nothing and succeeds.
+    assert await memory.delete_records(workspace, ids=["loose"]) == 0
+    assert (
+        await memory.delete_records(
+            workspace, ids=["note-2"], source_table="notes", source_row_ids=["2"]
+        )
+        == 1
+    )
+    assert await remaining(workspace) == []
+    # The other workspace, with the same ids and source rows, is untouched.
+    assert await remaining(other_workspace) == sorted(record.id for record in records)
+    stored = await db.fetchval(
+        "SELECT count(*) FROM raptorflow_data.memory_records WHERE workspace_id = $1",
+        UUID(other_workspace),
+    )
+    assert stored == 4
+
+
+async def test_memory_delete_records_refused_by_the_server(
+    client: DataClient, workspace: str
+) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        await client.memory.delete_records(
+            workspace, ids=["ok", "x" * 257], source_table="notes", source_row_ids=["1", ""]
+        )
+    assert caught.value.reason == "INVALID_VALUE"
+    assert caught.value.domain == ERROR_DOMAIN
+    assert [v.field for v in caught.value.field_violations] == ["ids[1]", "source_row_ids[1]"]
 
 
 async def test_describe_tables(client: DataClient) -> None:

@@ -16,9 +16,17 @@ A first query::
         )
         for row in result.data:
             print(row["id"], row["name"])
+
+`client.memory` follows a workspace's rows for the memory system (snapshot,
+then changes, resumable by token) and stores and searches memory records::
+
+    async for batch in client.memory.sync(workspace_id, tables=["notes"], resume_token=saved):
+        apply(batch.event, batch.operations, batch.rows)
+        saved = batch.resume_token
 """
 
 from raptorflow.data.client._client import DataClient
+from raptorflow.data.client._columns import from_column_batch
 from raptorflow.data.client._config import (
     USE_CLIENT_DEFAULT,
     ClientConfig,
@@ -41,12 +49,24 @@ from raptorflow.data.client._errors import (
     NotFound,
     OutOfRange,
     PermissionDenied,
+    ResnapshotRequired,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
     Unimplemented,
     UnknownError,
     from_rpc_error,
+)
+from raptorflow.data.client._memory import (
+    ChangeOperation,
+    Memory,
+    MemoryRecord,
+    MemoryRecordLike,
+    ScoredMemoryRecord,
+    SyncBatch,
+    SyncEvent,
+    SyncStream,
+    UpsertCounts,
 )
 from raptorflow.data.client._query import (
     CountQuery,
@@ -93,6 +113,7 @@ __all__ = [
     "Aborted",
     "AlreadyExists",
     "Cancelled",
+    "ChangeOperation",
     "ClientConfig",
     "CountQuery",
     "DataClient",
@@ -107,6 +128,9 @@ __all__ = [
     "InvalidArgument",
     "Json",
     "JsonValue",
+    "Memory",
+    "MemoryRecord",
+    "MemoryRecordLike",
     "MetadataLike",
     "Mutation",
     "MutationResult",
@@ -114,10 +138,15 @@ __all__ = [
     "OutOfRange",
     "PermissionDenied",
     "PyValue",
+    "ResnapshotRequired",
     "ResourceExhausted",
     "Row",
+    "ScoredMemoryRecord",
     "SelectQuery",
     "SelectResult",
+    "SyncBatch",
+    "SyncEvent",
+    "SyncStream",
     "TableQuery",
     "Timeout",
     "Unauthenticated",
@@ -125,6 +154,7 @@ __all__ = [
     "Unimplemented",
     "UnknownError",
     "UpdateQuery",
+    "UpsertCounts",
     "UpsertQuery",
     "UseClientDefault",
     "ValueLike",
@@ -134,6 +164,7 @@ __all__ = [
     "any_of",
     "contains",
     "eq",
+    "from_column_batch",
     "from_rpc_error",
     "from_value",
     "gt",

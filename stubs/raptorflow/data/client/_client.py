@@ -14,25 +14,19 @@ from raptorflow.data.client._config import (
     USE_CLIENT_DEFAULT,
     ClientConfig,
     MetadataLike,
+    MetadataValue,
     Timeout,
     UseClientDefault,
     merge_metadata,
 )
 from raptorflow.data.client._errors import Unavailable, from_rpc_error
+from raptorflow.data.client._memory import Memory
 from raptorflow.data.client._query import Workspace
+from raptorflow.data.client._values import canonical_workspace_id
 from raptorflow.data.v1 import workspace_service_pb2, workspace_service_pb2_grpc
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
-
-
-def _canonical_workspace_id(workspace_id: str | UUID) -> str:
-    # The service wants the canonical text form; normalising here also turns a
-    # malformed id into an immediate ValueError instead of a round trip.
-    try:
-        return str(workspace_id if isinstance(workspace_id, UUID) else UUID(workspace_id))
-    except ValueError as err:
-        raise ValueError(f"workspace id {workspace_id!r} is not a UUID") from err
 
 
 class DataClient:
@@ -65,6 +59,7 @@ class DataClient:
                 self._config.target, credentials, options=options
             )
         self._stub = workspace_service_pb2_grpc.WorkspaceServiceStub(self._channel)
+        self._memory = Memory(self)
 
     @classmethod
     async def connect(
@@ -110,9 +105,15 @@ class DataClient:
         """The underlying channel, for example for a health-check stub."""
         return self._channel
 
+    @property
+    def memory(self) -> Memory:
+        """The memory system's calls (MemorySyncService): `sync` a workspace's rows,
+        `acknowledge` progress, `upsert_records` and `search` memory records."""
+        return self._memory
+
     def workspace(self, workspace_id: str | UUID) -> Workspace:
         """The tables of one workspace. Raises ValueError if the id is not a UUID."""
-        return Workspace(self, _canonical_workspace_id(workspace_id))
+        return Workspace(self, canonical_workspace_id(workspace_id))
 
     async def describe_tables(
         self,
@@ -157,15 +158,20 @@ class DataClient:
     ) -> _Response:
         """Sends one call with the default timeout and metadata applied.
 
-        The single place where calls leave the client, so every RPC gets the
-        same defaults and the same error conversion.
+        The single place where unary calls leave the client, so every RPC gets
+        the same defaults and the same error conversion. Streaming calls
+        (`Memory.sync`, `Memory.upsert_records`) take the same defaults from
+        `_call_options` and convert errors as they read and write.
         """
-        deadline = self._config.timeout if isinstance(timeout, UseClientDefault) else timeout
+        deadline, merged = self._call_options(timeout, metadata)
         try:
-            return await method(
-                request,
-                timeout=deadline,
-                metadata=merge_metadata(self._config.metadata, metadata),
-            )
+            return await method(request, timeout=deadline, metadata=merged)
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err) from err
+
+    def _call_options(
+        self, timeout: Timeout, metadata: MetadataLike | None
+    ) -> tuple[float | None, list[tuple[str, MetadataValue]]]:
+        """The deadline in seconds (None for none) and the metadata a call is sent with."""
+        deadline = self._config.timeout if isinstance(timeout, UseClientDefault) else timeout
+        return deadline, merge_metadata(self._config.metadata, metadata)

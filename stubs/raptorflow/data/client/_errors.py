@@ -11,7 +11,8 @@ Every failed call raises a `DataError` subclass chosen by the status code::
      ├── AlreadyExists        ALREADY_EXISTS       unique violation
      ├── PermissionDenied     PERMISSION_DENIED
      ├── ResourceExhausted    RESOURCE_EXHAUSTED   no database connection freed up in time
-     ├── FailedPrecondition   FAILED_PRECONDITION  foreign-key violation
+     ├── FailedPrecondition   FAILED_PRECONDITION  foreign-key violation; sync not installed
+     │    └── ResnapshotRequired   reason RESNAPSHOT_REQUIRED: a resume token's changes pruned
      ├── Aborted              ABORTED              serialization failure or deadlock, rolled back
      ├── OutOfRange           OUT_OF_RANGE         a value does not fit its column
      ├── Unimplemented        UNIMPLEMENTED
@@ -25,6 +26,11 @@ INVALID_VALUE, UNIQUE_VIOLATION...), `domain` ("data.raptorflow.dev") and
 `metadata`; its google.rpc.BadRequest gives `field_violations`, whose paths name
 the offending request field ("filter.condition.column"). The original
 `grpc.aio.AioRpcError` stays reachable as `__cause__`.
+
+A few reasons that call for their own handling get a subclass of their status
+code's class, chosen by `reason`: `ResnapshotRequired` is the
+FAILED_PRECONDITION with reason RESNAPSHOT_REQUIRED, so a sync consumer can
+catch exactly it and start again without a resume token.
 """
 
 from collections.abc import Iterable, Mapping
@@ -156,6 +162,16 @@ class FailedPrecondition(DataError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class ResnapshotRequired(FailedPrecondition):
+    """A sync stream cannot resume: the changes after its resume token were pruned.
+
+    Start a new stream without a resume token; it begins with a fresh snapshot.
+    """
+
+    REASON: ClassVar[str] = "RESNAPSHOT_REQUIRED"
+    """The ErrorInfo reason the server sends for it."""
+
+
 class Aborted(DataError):
     """The transaction was rolled back (serialization failure or deadlock); safe to retry."""
 
@@ -221,6 +237,13 @@ _ERROR_BY_CODE: Final[Mapping[grpc.StatusCode, type[DataError]]] = {
 }
 
 
+# Keyed by code and reason only: reasons are the server's own UPPER_SNAKE_CASE
+# names, and a proxy that rewrote the domain should not hide them.
+_ERROR_BY_REASON: Final[Mapping[tuple[grpc.StatusCode, str], type[DataError]]] = {
+    (ResnapshotRequired.code, ResnapshotRequired.REASON): ResnapshotRequired,
+}
+
+
 def error_class(code: grpc.StatusCode) -> type[DataError]:
     """The exception class for a status code; UnknownError for OK and unknown codes."""
     return _ERROR_BY_CODE.get(code, UnknownError)
@@ -264,7 +287,9 @@ def from_rpc_error(err: grpc.aio.AioRpcError) -> DataError:
                 FieldViolation(v.field, v.description, v.reason)
                 for v in bad_request.field_violations
             )
-    error = error_class(err.code())(
+    code = err.code()
+    cls = _ERROR_BY_REASON.get((code, reason)) or error_class(code)
+    error = cls(
         message,
         reason=reason,
         domain=domain,

@@ -97,7 +97,8 @@ _INT64_MAX: Final = 2**63 - 1
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _json_text(obj: object) -> str:
+def json_text(obj: object) -> str:
+    """Compact JSON text of `obj`, as sent for json/jsonb values and JSON filters."""
     # allow_nan=False: NaN and Infinity are not JSON (RFC 8259) and PostgreSQL
     # rejects them, so fail here with the Python traceback instead.
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -152,9 +153,9 @@ def _scalar(obj: object) -> value_pb2.Value | None:
             raise ValueError("a signalling NaN Decimal cannot be stored; use Decimal('NaN')")
         return value_pb2.Value(decimal_value=str(obj))
     if isinstance(obj, Json):
-        return value_pb2.Value(json_value=_json_text(obj.value))
+        return value_pb2.Value(json_value=json_text(obj.value))
     if isinstance(obj, Mapping):
-        return value_pb2.Value(json_value=_json_text(obj))
+        return value_pb2.Value(json_value=json_text(obj))
     if isinstance(obj, Vector):
         return value_pb2.Value(vector_value=value_pb2.FloatVector(values=obj.values))
     return None
@@ -238,3 +239,13 @@ def from_value(value: value_pb2.Value) -> PyValue:
             return list(value.vector_value.values)
         case None:
             raise ValueError("the Value has no kind set")
+
+
+def canonical_workspace_id(workspace_id: str | UUID) -> str:
+    """The canonical text form of a workspace id. Raises ValueError if it is not a UUID."""
+    # The service wants the canonical text form; normalising here also turns a
+    # malformed id into an immediate ValueError instead of a round trip.
+    try:
+        return str(workspace_id if isinstance(workspace_id, UUID) else UUID(workspace_id))
+    except ValueError as err:
+        raise ValueError(f"workspace id {workspace_id!r} is not a UUID") from err
