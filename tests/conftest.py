@@ -9,6 +9,7 @@ parallel runs and the developer's own data never meet.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -102,6 +103,23 @@ def with_database(url: str, database: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(path="/" + database))
 
 
+@contextlib.contextmanager
+def embedded_postgres(prefix: str = "raptorflow-pg-") -> Iterator[str]:
+    """A throwaway pgserver cluster (PostgreSQL 16 with pgvector); yields its superuser URL."""
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset; pgserver only keeps a lock file there.
+        warnings.simplefilter("ignore")
+        import pgserver
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as data_dir, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        server = pgserver.get_server(data_dir, cleanup_mode="stop")
+        try:
+            yield server.get_uri()
+        finally:
+            server.cleanup()
+
+
 @pytest.fixture(scope="session")
 def server_url() -> Iterator[str]:
     """A superuser URL of a running PostgreSQL (DATABASE_URL, or a pgserver cluster)."""
@@ -109,21 +127,8 @@ def server_url() -> Iterator[str]:
     if url:
         yield url
         return
-    with warnings.catch_warnings():
-        # platformdirs warns when XDG_RUNTIME_DIR is unset; pgserver only keeps a lock file there.
-        warnings.simplefilter("ignore")
-        import pgserver
-
-    with (
-        tempfile.TemporaryDirectory(prefix="raptorflow-pg-") as data_dir,
-        warnings.catch_warnings(),
-    ):
-        warnings.simplefilter("ignore")
-        server = pgserver.get_server(data_dir, cleanup_mode="stop")
-        try:
-            yield server.get_uri()
-        finally:
-            server.cleanup()
+    with embedded_postgres() as embedded_url:
+        yield embedded_url
 
 
 @pytest.fixture(scope="session")

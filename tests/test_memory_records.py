@@ -15,16 +15,14 @@ import json
 import math
 import random
 import struct
-import tempfile
 import uuid
-import warnings
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import asyncpg
 import grpc
 import pytest
-from conftest import start_server
+from conftest import embedded_postgres, start_server
 from pg_activity import wait_for_lock_waits
 from raptorflow.data.server import app
 from raptorflow.data.server.config import Settings
@@ -696,21 +694,8 @@ async def test_search_refuses_bad_requests(memory, workspace, request_fields, fi
 @pytest.fixture(scope="module")
 def pgvector_url() -> Iterator[str]:
     """A throwaway pgserver cluster, which bundles pgvector; never skipped."""
-    with warnings.catch_warnings():
-        # platformdirs warns when XDG_RUNTIME_DIR is unset; pgserver only keeps a lock file there.
-        warnings.simplefilter("ignore")
-        import pgserver
-
-    with (
-        tempfile.TemporaryDirectory(prefix="raptorflow-pgvector-") as data_dir,
-        warnings.catch_warnings(),
-    ):
-        warnings.simplefilter("ignore")
-        server = pgserver.get_server(data_dir, cleanup_mode="stop")
-        try:
-            yield server.get_uri()
-        finally:
-            server.cleanup()
+    with embedded_postgres("raptorflow-pgvector-") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
