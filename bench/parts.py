@@ -106,7 +106,7 @@ async def measure(server_url: str, calls: int) -> list[tuple[Any, ...]]:
             # As the service's loader does: read the table, grant it to the query role.
             async with data.owner_pool.acquire() as conn:
                 if settings.query_role:
-                    await migrations.provision_app_role(
+                    await migrations.grant_tables(
                         conn, settings.query_role, settings.schema, [database.TABLE]
                     )
                 return await load_catalog(conn, settings.schema, [database.TABLE])

@@ -109,7 +109,7 @@ def _catalog_loader(settings: Settings, database: Database) -> Callable[[], Awai
             catalog = await load_catalog(conn, settings.schema, settings.tables)
             fresh = set(catalog.tables) - provisioned
             if settings.query_role and fresh:
-                await migrations.provision_app_role(
+                await migrations.grant_tables(
                     conn, settings.query_role, settings.schema, sorted(fresh)
                 )
                 provisioned.update(fresh)
@@ -122,7 +122,7 @@ async def run_migrations(settings: Settings, database: Database) -> list[int]:
     async with database.owner_pool.acquire() as conn:
         applied = await migrations.apply_migrations(conn, migrations.bundled_migrations())
         if settings.query_role:
-            await migrations.provision_app_role(conn, settings.query_role, settings.schema, ())
+            await migrations.provision_app_role(conn, settings.query_role, settings.schema)
     return applied
 
 

@@ -81,14 +81,13 @@ async def apply_migrations(conn: Connection, migrations: Iterable[Migration]) ->
     return applied_now
 
 
-async def provision_app_role(
-    conn: Connection, role: str, schema: str, tables: Iterable[str]
-) -> None:
-    """Creates the non-owner role queries run as, and grants it the exposed tables.
+async def provision_app_role(conn: Connection, role: str, schema: str) -> None:
+    """Creates the non-owner role queries run as, and grants it the schemas it uses.
 
-    Used when development gives only one (owner) connection string. The role
-    cannot log in; the query pool switches to it with the `role` setting at
-    connect time, so it owns nothing and cannot bypass row-level security.
+    Used when development gives only one (owner) connection string, once after
+    the migrations. The role cannot log in; the query pool switches to it with
+    the `role` setting at connect time, so it owns nothing and cannot bypass
+    row-level security. The exposed tables are granted by `grant_tables`.
     """
     role_ident = quote_ident(role)
     async with conn.transaction():
@@ -119,6 +118,14 @@ async def provision_app_role(
                     f"REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON raptorflow_data.{table}"
                     f" FROM {role_ident}"
                 )
+
+
+async def grant_tables(conn: Connection, role: str, schema: str, tables: Iterable[str]) -> None:
+    """Grants the application role the exposed tables (as the catalog finds them)."""
+    role_ident = quote_ident(role)
+    async with conn.transaction():
+        # Concurrent GRANTs on one table can fail with "tuple concurrently updated".
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
         for table in tables:
             await conn.execute(
                 "GRANT SELECT, INSERT, UPDATE, DELETE ON "
