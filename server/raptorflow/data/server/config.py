@@ -83,6 +83,33 @@ class Settings:
     holding back pruning."""
     log_level: str = "INFO"
     """Python logging level name."""
+    log_format: str = "text"
+    """Log line format: "text" for people, "json" for one JSON object per line."""
+    metrics_listen: str = ""
+    """HOST:PORT of the Prometheus metrics HTTP endpoint; empty turns metrics off, port 0 picks
+    a free port."""
+    latency_window_seconds: float = 300.0
+    """Seconds of recent calls the status view's latency percentiles cover."""
+    slow_query_seconds: float = 0.5
+    """Statements running at least this many seconds are listed as slow queries."""
+    leak_seconds: float = 60.0
+    """Seconds a call may hold a pool connection before it counts as leaked and the watchdog
+    reclaims it (cancels its query and frees the slot)."""
+    backup_dir: str = ""
+    """Directory backup files are written to and restored from; empty turns file backups off."""
+    job_lease_seconds: float = 15.0
+    """Seconds a running job's lease lasts; its replica renews it, and a job whose lease ran out
+    is marked failed."""
+    max_running_jobs: int = 2
+    """Most maintenance jobs one replica runs at once; later ones wait, queued."""
+    job_history_seconds: float = 2592000.0
+    """Seconds finished jobs are kept in the job history (default 30 days)."""
+    schedules: str = ""
+    """Scheduled jobs, as JSON: [{"name", "cron" or "interval_seconds", "job": JobSpec in
+    proto3 JSON}]; a value starting with @ names a file holding that JSON."""
+    retention_rules: str = ""
+    """Retention rules, as JSON: [{"table", "column" (a timestamp column), "max_age_seconds",
+    "batch_size"}]; a value starting with @ names a file holding that JSON."""
 
     @property
     def effective_owner_url(self) -> str:

@@ -2,5 +2,5 @@
 """Generated protobuf messages and gRPC stubs for `raptorflow.data.v1`.
 
 Import modules by name (`from raptorflow.data.v1 import column_batch_pb2`), never with `*`.
-Modules: `column_batch_pb2`, `memory_sync_service_pb2`, `memory_sync_service_pb2_grpc`, `query_pb2`, `value_pb2`, `workspace_service_pb2`, `workspace_service_pb2_grpc`.
+Modules: `column_batch_pb2`, `job_pb2`, `maintenance_service_pb2`, `maintenance_service_pb2_grpc`, `memory_sync_service_pb2`, `memory_sync_service_pb2_grpc`, `monitoring_service_pb2`, `monitoring_service_pb2_grpc`, `query_pb2`, `value_pb2`, `workspace_service_pb2`, `workspace_service_pb2_grpc`.
 """
