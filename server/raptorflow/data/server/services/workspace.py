@@ -16,9 +16,10 @@ from raptorflow.data.server.config import Settings
 from raptorflow.data.server.db import compiler, values
 from raptorflow.data.server.db.catalog import CatalogCache, Table
 from raptorflow.data.server.db.connections import Connection, Database, Deadline
+from raptorflow.data.server.db.failures import to_service_error
 from raptorflow.data.server.db.page_tokens import PageTokenCodec
 from raptorflow.data.server.errors import ServiceError, invalid_argument
-from raptorflow.data.server.services.status import rpc_errors, to_service_error
+from raptorflow.data.server.services.status import rpc_errors
 from raptorflow.data.v1 import value_pb2, workspace_service_pb2, workspace_service_pb2_grpc
 
 pb = workspace_service_pb2
