@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -26,13 +28,25 @@ from raptorflow.data.server.db.catalog import Catalog, CatalogCache, load_catalo
 from raptorflow.data.server.db.connections import Database
 from raptorflow.data.server.db.page_tokens import PageTokenCodec
 from raptorflow.data.server.health import DatabaseHealth, HealthServicer
+from raptorflow.data.server.maintenance.backup import Backups
+from raptorflow.data.server.maintenance.executor import JobExecutor
+from raptorflow.data.server.maintenance.jobs import Jobs
+from raptorflow.data.server.maintenance.operations import Operations
+from raptorflow.data.server.maintenance.schedules import Scheduler
 from raptorflow.data.server.memory.store import MemoryStore
+from raptorflow.data.server.observability.monitoring import Monitoring
+from raptorflow.data.server.services.maintenance import MaintenanceServicer
 from raptorflow.data.server.services.memory_sync import MemorySyncServicer
+from raptorflow.data.server.services.monitoring import MonitoringServicer
 from raptorflow.data.server.services.workspace import WorkspaceServicer
 from raptorflow.data.server.sync.streams import SyncStreams
 from raptorflow.data.v1 import (
+    maintenance_service_pb2,
+    maintenance_service_pb2_grpc,
     memory_sync_service_pb2,
     memory_sync_service_pb2_grpc,
+    monitoring_service_pb2,
+    monitoring_service_pb2_grpc,
     workspace_service_pb2,
     workspace_service_pb2_grpc,
 )
@@ -43,8 +57,14 @@ WORKSPACE_SERVICE = workspace_service_pb2.DESCRIPTOR.services_by_name["Workspace
 MEMORY_SYNC_SERVICE = memory_sync_service_pb2.DESCRIPTOR.services_by_name[
     "MemorySyncService"
 ].full_name
+MAINTENANCE_SERVICE = maintenance_service_pb2.DESCRIPTOR.services_by_name[
+    "MaintenanceService"
+].full_name
+MONITORING_SERVICE = monitoring_service_pb2.DESCRIPTOR.services_by_name[
+    "MonitoringService"
+].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-SERVED_SERVICES = (WORKSPACE_SERVICE, MEMORY_SYNC_SERVICE)
+SERVED_SERVICES = (WORKSPACE_SERVICE, MEMORY_SYNC_SERVICE, MAINTENANCE_SERVICE, MONITORING_SERVICE)
 
 
 @dataclass
@@ -60,6 +80,8 @@ class RunningServer:
     catalog: CatalogCache
     sync_streams: SyncStreams
     memory_store: MemoryStore
+    maintenance: Maintenance
+    monitoring: Monitoring
     background: list[asyncio.Task[None]] = field(default_factory=list)
     _stopped: bool = False
 
@@ -81,7 +103,11 @@ class RunningServer:
         await asyncio.sleep(0.05)
         await self.health.close_streams()
         await self.sync_streams.close()
+        self.maintenance.jobs.end_watches()
+        await self.maintenance.scheduler.close()
         await self.server.stop(grace)
+        await self.maintenance.jobs.close()
+        await self.monitoring.close()
         for task in self.background:
             task.cancel()
         for task in self.background:
@@ -89,6 +115,25 @@ class RunningServer:
                 await task
         await self.database.close()
         log.info("stopped")
+
+
+@dataclass
+class Maintenance:
+    """The maintenance side of one server: backups, the job runner and the scheduler."""
+
+    backups: Backups
+    executor: JobExecutor
+    jobs: Jobs
+    scheduler: Scheduler
+
+    @classmethod
+    def build(
+        cls, settings: Settings, database: Database, catalog: CatalogCache, replica_id: str
+    ) -> Maintenance:
+        backups = Backups(settings, database, catalog)
+        executor = JobExecutor(Operations(settings, database, catalog), backups)
+        jobs = Jobs(settings, database, executor, replica_id)
+        return cls(backups, executor, jobs, Scheduler(settings, jobs))
 
 
 def _token_codec(settings: Settings) -> PageTokenCodec:
@@ -133,21 +178,34 @@ def build_server(
     health: HealthServicer,
     sync_streams: SyncStreams,
     memory_store: MemoryStore,
+    maintenance: Maintenance,
+    monitoring: Monitoring,
 ) -> grpc.aio.Server:
     """The grpc.aio server with every servicer, health and reflection added (not started)."""
     server = grpc.aio.server(
+        # Measures every call (latency window, metrics, one log line each).
+        interceptors=[monitoring.interceptor],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             # Never share a port silently with another process.
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     workspace_service_pb2_grpc.add_WorkspaceServiceServicer_to_server(
         WorkspaceServicer(settings, database, catalog, _token_codec(settings)), server
     )
     memory_sync_service_pb2_grpc.add_MemorySyncServiceServicer_to_server(
         MemorySyncServicer(sync_streams, memory_store), server
+    )
+    maintenance_service_pb2_grpc.add_MaintenanceServiceServicer_to_server(
+        MaintenanceServicer(
+            maintenance.backups, maintenance.executor, maintenance.jobs, maintenance.scheduler
+        ),
+        server,
+    )
+    monitoring_service_pb2_grpc.add_MonitoringServiceServicer_to_server(
+        MonitoringServicer(monitoring), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if settings.reflection:
@@ -182,14 +240,37 @@ async def start(settings: Settings) -> RunningServer:
     await database_health.set_all(False)
     sync_streams = SyncStreams(settings, database, catalog)
     memory_store = MemoryStore(settings, database)
+    # Names this process in job leases, held-connection reports and the status view.
+    replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+    try:
+        # Parses the schedules and retention rules: bad configuration is a SystemExit.
+        maintenance = Maintenance.build(settings, database, catalog, replica_id)
+    except BaseException:
+        await database.close()
+        raise
+    monitoring = Monitoring(settings, database, replica_id, maintenance.scheduler.list)
+    maintenance.jobs.on_end = monitoring.record_job
     try:
         await memory_store.prepare()
         await sync_streams.start()
+        await monitoring.start()
+        await maintenance.jobs.start()
     except BaseException:
+        await maintenance.jobs.close()
+        await monitoring.close()
         await sync_streams.close()
         await database.close()
         raise
-    server = build_server(settings, database, catalog, health, sync_streams, memory_store)
+    server = build_server(
+        settings,
+        database,
+        catalog,
+        health,
+        sync_streams,
+        memory_store,
+        maintenance,
+        monitoring,
+    )
     port = server.add_insecure_port(settings.listen)
     await server.start()
     running = RunningServer(
@@ -202,8 +283,12 @@ async def start(settings: Settings) -> RunningServer:
         catalog,
         sync_streams,
         memory_store,
+        maintenance,
+        monitoring,
     )
     await database_health.check_once()
+    # Schedules start last: a scheduled job may run at once and should find the server up.
+    await maintenance.scheduler.start()
     running.background = [
         asyncio.create_task(database_health.run_forever(), name="database-health"),
         asyncio.create_task(

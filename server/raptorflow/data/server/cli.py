@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 from raptorflow.data.server import config
+from raptorflow.data.server.observability import logs
 
 T = TypeVar("T")
 
@@ -89,10 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line, file=sys.stdout if code == 0 else sys.stderr)
         return int(code)
     settings = config.load(args)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.setup(settings.log_level, settings.log_format)
     if not settings.database_url:
         print("error: set DATABASE_URL or pass --database-url", file=sys.stderr)
         return 2

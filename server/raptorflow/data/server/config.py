@@ -85,6 +85,9 @@ class Settings:
     """Python logging level name."""
     log_format: str = "text"
     """Log line format: "text" for people, "json" for one JSON object per line."""
+    rpc_log: str = "errors"
+    """Which calls get a log line (method, workspace, status, duration): "all", "errors" (calls
+    that failed or took at least slow_query_seconds) or "off"."""
     metrics_listen: str = ""
     """HOST:PORT of the Prometheus metrics HTTP endpoint; empty turns metrics off, port 0 picks
     a free port."""
@@ -97,6 +100,9 @@ class Settings:
     reclaims it (cancels its query and frees the slot)."""
     backup_dir: str = ""
     """Directory backup files are written to and restored from; empty turns file backups off."""
+    backup_timeout: float = 3600.0
+    """Upper bound, in seconds, on one backup or restore (streamed or a file job), whose COPY
+    statements may outlast statement_timeout; a call's shorter deadline wins."""
     job_lease_seconds: float = 15.0
     """Seconds a running job's lease lasts; its replica renews it, and a job whose lease ran out
     is marked failed."""
@@ -141,6 +147,16 @@ def _parse_tables(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
 def _parse_key(text: str) -> bytes:
     # A key given as text is used as its UTF-8 bytes; `base64:` marks binary keys.
     if text.startswith("base64:"):
@@ -157,7 +173,12 @@ _PARSERS: Mapping[type, Callable[[str], Any]] = {
 
 
 def _settings_table() -> tuple[_Setting, ...]:
-    special: Mapping[str, Callable[[str], Any]] = {"tables": _parse_tables, "token_key": _parse_key}
+    special: Mapping[str, Callable[[str], Any]] = {
+        "tables": _parse_tables,
+        "token_key": _parse_key,
+        "log_format": _choice("text", "json"),
+        "rpc_log": _choice("all", "errors", "off"),
+    }
     env_names = {"database_url": "DATABASE_URL"}
     table = []
     for f in dataclasses.fields(Settings):

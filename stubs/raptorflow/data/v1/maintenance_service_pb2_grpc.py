@@ -141,10 +141,13 @@ class MaintenanceServiceServicer:
 
     def StartJob(self, request, context):
         """Starts a job and returns it at once, QUEUED or RUNNING. Returns
-        INVALID_ARGUMENT for a spec without a kind, a table that is not exposed,
-        or a path outside the backup directory, and FAILED_PRECONDITION (reason
-        BACKUP_DIR_NOT_SET) for a file job on a server without a backup
-        directory.
+        INVALID_ARGUMENT for a spec without a kind, a table that is not exposed
+        or named twice, a table without a retention rule, or a path outside the
+        backup directory; ALREADY_EXISTS for a backup file that exists; and
+        FAILED_PRECONDITION for a file job on a server without a backup
+        directory (reason BACKUP_DIR_NOT_SET), a retention cleanup on a server
+        without retention rules (NO_RETENTION_RULES) or with a rule that no
+        longer fits its table (RETENTION_RULE_INVALID).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

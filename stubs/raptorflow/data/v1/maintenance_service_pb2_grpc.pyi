@@ -53,10 +53,13 @@ class MaintenanceServiceStub:
     """
     StartJob: _aio.UnaryUnaryMultiCallable[_maintenance_service_pb2.StartJobRequest, _maintenance_service_pb2.StartJobResponse]
     """Starts a job and returns it at once, QUEUED or RUNNING. Returns
-    INVALID_ARGUMENT for a spec without a kind, a table that is not exposed,
-    or a path outside the backup directory, and FAILED_PRECONDITION (reason
-    BACKUP_DIR_NOT_SET) for a file job on a server without a backup
-    directory.
+    INVALID_ARGUMENT for a spec without a kind, a table that is not exposed
+    or named twice, a table without a retention rule, or a path outside the
+    backup directory; ALREADY_EXISTS for a backup file that exists; and
+    FAILED_PRECONDITION for a file job on a server without a backup
+    directory (reason BACKUP_DIR_NOT_SET), a retention cleanup on a server
+    without retention rules (NO_RETENTION_RULES) or with a rule that no
+    longer fits its table (RETENTION_RULE_INVALID).
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_maintenance_service_pb2.GetJobRequest, _maintenance_service_pb2.GetJobResponse]
     """Returns one job. Returns INVALID_ARGUMENT if the id is not a UUID and
@@ -139,10 +142,13 @@ class MaintenanceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _aio.ServicerContext[_maintenance_service_pb2.StartJobRequest, _abc.Awaitable[_maintenance_service_pb2.StartJobResponse]],
     ) -> _abc.Awaitable[_maintenance_service_pb2.StartJobResponse]:
         """Starts a job and returns it at once, QUEUED or RUNNING. Returns
-        INVALID_ARGUMENT for a spec without a kind, a table that is not exposed,
-        or a path outside the backup directory, and FAILED_PRECONDITION (reason
-        BACKUP_DIR_NOT_SET) for a file job on a server without a backup
-        directory.
+        INVALID_ARGUMENT for a spec without a kind, a table that is not exposed
+        or named twice, a table without a retention rule, or a path outside the
+        backup directory; ALREADY_EXISTS for a backup file that exists; and
+        FAILED_PRECONDITION for a file job on a server without a backup
+        directory (reason BACKUP_DIR_NOT_SET), a retention cleanup on a server
+        without retention rules (NO_RETENTION_RULES) or with a rule that no
+        longer fits its table (RETENTION_RULE_INVALID).
         """
 
     @_abc_1.abstractmethod

@@ -1,9 +1,10 @@
 """Every connection to PostgreSQL: the query pool, the owner pool and one session connection.
 
 Nothing else in the server connects. The query pool runs callers' statements as
-the non-owner application role; the owner pool runs migrations (and later
-maintenance); the session connection answers health checks, so a busy pool
-never makes the service look dead. Pooled connections carry no session state:
+the non-owner application role; the owner pool runs migrations and maintenance;
+a small job pool, also the owner's, keeps the job history table; the session
+connection answers health checks, so a busy pool never makes the service look
+dead. Pooled connections carry no session state:
 the per-call deadline travels with each statement, so the pool needs no reset
 query on release.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import time
@@ -45,10 +47,110 @@ _CHECK_ERRORS: tuple[type[BaseException], ...] = (
     *UNREACHABLE_ERRORS,
 )
 
+# Connections of the job pool (`open_jobs`): short statements only, so a few suffice.
+JOB_POOL_MAX_SIZE = 3
+
+
+def owner_pool_max_size(settings: Settings) -> int:
+    """Two connections for catalog reloads, pruning and streamed backups, plus one per job
+    slot: a running job (VACUUM, a backup) holds an owner connection for as long as it runs."""
+    return 2 + settings.max_running_jobs
+
+
 # What callers get: a pooled connection proxy or a plain connection, used alike.
 Connection: TypeAlias = (
     "asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 )
+
+
+# Who a connection is acquired for: the RPC method, set per call by the RPC
+# interceptor (observability/interceptor.py). Empty outside a call; then the
+# asyncio task's name stands in. A plain string, so this layer needs no gRPC.
+current_caller: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "raptorflow_current_caller", default=""
+)
+
+
+def caller_name() -> str:
+    """The RPC method this code runs for, or the name of its asyncio task."""
+    caller = current_caller.get()
+    if caller:
+        return caller
+    task = asyncio.current_task()
+    return task.get_name() if task is not None else "unknown"
+
+
+class Hold:
+    """One acquisition of a query-pool connection, from acquire until release or reclaim."""
+
+    __slots__ = ("acquired_at", "connection", "holder", "long_lived", "reclaimed")
+
+    def __init__(self, holder: str, connection: Connection, long_lived: bool) -> None:
+        self.holder = holder
+        """The RPC method or background task that holds it."""
+        self.connection = connection
+        self.acquired_at = time.monotonic()
+        """When it was acquired, on the monotonic clock."""
+        self.long_lived = long_lived
+        """Held on purpose for as long as a stream runs: never counted as a leak."""
+        self.reclaimed = False
+        """The leak watchdog took it back; the holder must not release it again."""
+
+    def held_seconds(self, now: float | None = None) -> float:
+        return (time.monotonic() if now is None else now) - self.acquired_at
+
+    def acquire_time(self) -> float:
+        """When it was acquired, as a Unix time."""
+        return time.time() - self.held_seconds()
+
+    def backend_pid(self) -> int:
+        """The PostgreSQL backend of the connection; 0 once it is no longer held."""
+        try:
+            return int(self.connection.get_server_pid())
+        except (asyncpg.InterfaceError, AttributeError):
+            return 0
+
+
+@dataclass(frozen=True)
+class SlowStatement:
+    """A statement that ran at least `slow_query_seconds`: its text, never its values."""
+
+    statement: str
+    """The SQL text with its $n placeholders, at most `MAX_STATEMENT_CHARS` characters."""
+    caller: str
+    """The RPC method (or background task) it ran for."""
+    seconds: float
+    end_time: float
+    """When it ended, as a Unix time."""
+    sqlstate: str
+    """The SQLSTATE it failed with; empty if it succeeded (or failed without one)."""
+
+
+@dataclass(frozen=True)
+class DatabaseCheck:
+    """The outcome of the latest check on the session connection."""
+
+    reachable: bool
+    seconds: float
+    """How long the check took (including a reconnect, if it needed one)."""
+    check_time: float
+    """When it ran, as a Unix time."""
+    server_version: str
+    """PostgreSQL's server_version, read once per session connection; empty until known."""
+
+
+@dataclass(frozen=True)
+class PoolSnapshot:
+    """The query pool's figures at one moment."""
+
+    size: int
+    in_use: int
+    idle: int
+    waiting: int
+    max_size: int
+
+
+MAX_STATEMENT_CHARS = 1000
 
 
 @dataclass(frozen=True)
@@ -99,9 +201,21 @@ class Database:
         self._settings = settings
         self._query_pool: asyncpg.Pool | None = None
         self._owner_pool: asyncpg.Pool | None = None
+        self._job_pool: asyncpg.Pool | None = None
         self._session: asyncpg.Connection | None = None
         self._session_lock = asyncio.Lock()
         self._listeners: list[asyncio.Task[None]] = []
+        # Observability (issue 4): who holds which query-pool connection, how many
+        # callers wait for one, and the most held at once since `take_peak_in_use`.
+        self._holds: set[Hold] = set()
+        self._waiting = 0
+        self._peak_in_use = 0
+        self._slow_seconds = settings.slow_query_seconds
+        self._server_version = ""
+        self.last_check: DatabaseCheck | None = None
+        """The latest check on the session connection; None before the first."""
+        self.on_slow_query: Callable[[SlowStatement], None] | None = None
+        """Called with every query-pool statement that ran at least `slow_query_seconds`."""
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -129,13 +243,31 @@ class Database:
         )
 
     async def open_owner(self) -> None:
-        """Connects the owner pool (migrations), retrying while the database is unreachable."""
+        """Connects the owner pool (migrations, catalog reloads, maintenance), retrying while the
+        database is unreachable."""
         async for attempt in self._retrying():
             with attempt:
                 self._owner_pool = await asyncpg.create_pool(
                     self._settings.effective_owner_url,
                     min_size=1,
-                    max_size=2,
+                    max_size=owner_pool_max_size(self._settings),
+                    reset=_no_reset,
+                    **self._connect_kwargs(as_app_role=False),
+                )
+
+    async def open_jobs(self) -> None:
+        """Connects the job pool: the owner's own small pool for the job history table.
+
+        Job bookkeeping (leases, progress, states, watches) must never queue behind
+        maintenance work, which holds owner-pool connections for as long as a
+        VACUUM or a backup runs: a lease that waits for a connection would expire.
+        """
+        async for attempt in self._retrying():
+            with attempt:
+                self._job_pool = await asyncpg.create_pool(
+                    self._settings.effective_owner_url,
+                    min_size=1,
+                    max_size=JOB_POOL_MAX_SIZE,
                     reset=_no_reset,
                     **self._connect_kwargs(as_app_role=False),
                 )
@@ -149,21 +281,41 @@ class Database:
                     min_size=self._settings.pool_min_size,
                     max_size=self._settings.pool_max_size,
                     reset=_no_reset,
-                    init=codecs.register,
+                    init=self._init_query_connection,
                     **self._connect_kwargs(as_app_role=True),
                 )
         await self._ensure_session()
 
+    async def _init_query_connection(self, connection: asyncpg.Connection) -> None:
+        await codecs.register(connection)
+        connection.add_query_logger(self._log_query)
+
+    def _log_query(self, record: asyncpg.connection.LoggedQuery) -> None:
+        # asyncpg calls this (via call_soon, in the statement's context) after every
+        # statement on a query-pool connection: fast ones must cost one comparison.
+        if record.elapsed < self._slow_seconds or self.on_slow_query is None:
+            return
+        exception = record.exception
+        self.on_slow_query(
+            SlowStatement(
+                statement=str(record.query)[:MAX_STATEMENT_CHARS],
+                caller=current_caller.get(),
+                seconds=float(record.elapsed),
+                end_time=time.time(),
+                sqlstate=str(getattr(exception, "sqlstate", "") or "") if exception else "",
+            )
+        )
+
     async def close(self) -> None:
         """Closes everything; waits for released connections, then terminates stragglers."""
         await self._stop_listeners()
-        for pool in (self._query_pool, self._owner_pool):
+        for pool in (self._query_pool, self._job_pool, self._owner_pool):
             if pool is not None:
                 try:
                     await asyncio.wait_for(pool.close(), timeout=5.0)
                 except _CLOSE_ERRORS:
                     pool.terminate()
-        self._query_pool = self._owner_pool = None
+        self._query_pool = self._job_pool = self._owner_pool = None
         if self._session is not None:
             self._session.terminate()
             self._session = None
@@ -252,18 +404,33 @@ class Database:
             raise RuntimeError("the owner pool is not open")
         return self._owner_pool
 
+    @property
+    def job_pool(self) -> asyncpg.Pool:
+        if self._job_pool is None:
+            raise RuntimeError("the job pool is not open")
+        return self._job_pool
+
     @contextlib.asynccontextmanager
-    async def connection(self, deadline: Deadline) -> AsyncIterator[Connection]:
+    async def connection(
+        self, deadline: Deadline, *, long_lived: bool = False
+    ) -> AsyncIterator[Connection]:
         """A query-pool connection, waited for at most min(deadline, acquire timeout).
 
         Running out of the acquire timeout first is RESOURCE_EXHAUSTED (the pool
         is saturated; retrying at once would only add load); running out of the
         caller's deadline first is DEADLINE_EXCEEDED.
+
+        The hold is recorded (who, since when) for the status view; one held past
+        `leak_seconds` is reclaimed by the leak watchdog (`reclaim`), unless
+        `long_lived` says the caller holds it on purpose for as long as a stream
+        runs (a sync snapshot). A reclaimed connection is not released again here.
         """
         remaining = deadline.remaining()
         acquire_timeout = self._settings.acquire_timeout
         deadline_first = remaining is not None and remaining < acquire_timeout
         wait = max(0.0, remaining) if deadline_first and remaining is not None else acquire_timeout
+        # asyncpg does not count its waiters; counting around the acquire is exact.
+        self._waiting += 1
         try:
             connection = await self.query_pool.acquire(timeout=wait)
         except TimeoutError:
@@ -281,28 +448,87 @@ class Database:
                 "POOL_EXHAUSTED",
                 f"no database connection became free within {acquire_timeout:g} s",
             ) from None
+        finally:
+            self._waiting -= 1
+        hold = Hold(caller_name(), connection, long_lived)
+        holds = self._holds
+        holds.add(hold)
+        self._peak_in_use = max(self._peak_in_use, len(holds))
         try:
             yield connection
         finally:
-            # Shielded: a cancelled call must still hand its connection back, and
-            # asyncpg waits for the server to confirm the cancelled query first.
-            # Pool.release shields that work itself (it runs the hand-back under
-            # asyncio.shield, as a task of its own), so a second cancel during
-            # the release ends only our wait, never the release; shielding it
-            # again here would only cost one more task per call.
-            # The timeout is explicit because asyncpg would otherwise reuse the
-            # acquire wait (often a few milliseconds of deadline) and, past it,
-            # drop the connection without cancelling: the query would then run on
-            # in PostgreSQL, and commit, after the caller was told it failed.
-            # PostgreSQL ends any statement by statement_timeout in any case.
-            release_timeout = self._settings.statement_timeout + self._settings.connect_timeout
-            await self.query_pool.release(connection, timeout=release_timeout)
+            holds.discard(hold)
+            # A reclaimed connection was terminated by the watchdog, which already
+            # gave its slot back: releasing it again is skipped.
+            if not hold.reclaimed:
+                # Shielded: a cancelled call must still hand its connection back, and
+                # asyncpg waits for the server to confirm the cancelled query first.
+                # Pool.release shields that work itself (it runs the hand-back under
+                # asyncio.shield, as a task of its own), so a second cancel during
+                # the release ends only our wait, never the release; shielding it
+                # again here would only cost one more task per call.
+                # The timeout is explicit because asyncpg would otherwise reuse the
+                # acquire wait (often a few milliseconds of deadline) and, past it,
+                # drop the connection without cancelling: the query would then run
+                # on in PostgreSQL, and commit, after the caller was told it failed.
+                # PostgreSQL ends any statement by statement_timeout in any case.
+                release_timeout = self._settings.statement_timeout + self._settings.connect_timeout
+                await self.query_pool.release(connection, timeout=release_timeout)
 
     def pool_stats(self) -> Mapping[str, int]:
         pool = self.query_pool
         size = pool.get_size()
         idle = pool.get_idle_size()
         return {"size": size, "idle": idle, "in_use": size - idle, "max": pool.get_max_size()}
+
+    def pool_snapshot(self) -> PoolSnapshot | None:
+        """The query pool's figures now; None while it is not open."""
+        pool = self._query_pool
+        if pool is None:
+            return None
+        size = pool.get_size()
+        idle = pool.get_idle_size()
+        return PoolSnapshot(size, size - idle, idle, self._waiting, pool.get_max_size())
+
+    def take_peak_in_use(self) -> int:
+        """The most connections held at once since the last call (at least those held now)."""
+        peak, self._peak_in_use = self._peak_in_use, len(self._holds)
+        return max(peak, self._peak_in_use)
+
+    def holds_over(self, seconds: float) -> list[Hold]:
+        """Connections held at least `seconds` now, longest first; long-lived holds excepted."""
+        now = time.monotonic()
+        over = [h for h in self._holds if not h.long_lived and now - h.acquired_at >= seconds]
+        return sorted(over, key=lambda h: h.acquired_at)
+
+    async def reclaim(self, hold: Hold) -> int | None:
+        """Takes a held connection back from its holder: its backend pid, or None if released.
+
+        The connection is terminated first, which hands the slot back to the pool
+        at once and fails the holder's next statement; only then is its backend's
+        query cancelled (through the owner pool), so the cancel can never reach a
+        statement of whoever takes the slot next. With its query cancelled and its
+        socket closed, the backend exits. The holder's own release later is a no-op.
+        """
+        if hold not in self._holds:
+            return None
+        self._holds.discard(hold)
+        hold.reclaimed = True
+        pid = hold.backend_pid()
+        with contextlib.suppress(asyncpg.InterfaceError):  # released meanwhile: nothing to end
+            hold.connection.terminate()
+        if pid:
+            try:
+                async with asyncio.timeout(self._settings.health_timeout):
+                    async with self.owner_pool.acquire() as owner:
+                        await owner.fetchval("SELECT pg_cancel_backend($1)", pid)
+            except Exception as exc:  # the backend still ends, at the latest by statement_timeout
+                log.warning(
+                    "could not cancel the query of reclaimed backend %d: %s",
+                    pid,
+                    exc or type(exc).__name__,
+                )
+        return pid
 
     # -- health ----------------------------------------------------------------
 
@@ -311,22 +537,33 @@ class Database:
             self._session = await asyncpg.connect(
                 self._settings.database_url, **self._connect_kwargs(as_app_role=True)
             )
+            # Once per connection: a server upgrade means a new connection anyway.
+            self._server_version = str(await self._session.fetchval("SHOW server_version"))
         return self._session
 
     async def check(self) -> bool:
-        """True when the database answers on the session connection within the health timeout."""
+        """True when the database answers on the session connection within the health timeout.
+
+        The outcome, with its latency and the server version, is kept in `last_check`.
+        """
         async with self._session_lock:
+            started = time.monotonic()
             try:
                 async with asyncio.timeout(self._settings.health_timeout):
                     session = await self._ensure_session()
                     await session.fetchval("SELECT 1")
-                return True
+                reachable = True
             except _CHECK_ERRORS as exc:
                 log.warning("database check failed: %s", exc or type(exc).__name__)
                 if self._session is not None:
                     self._session.terminate()
                     self._session = None
-                return False
+                reachable = False
+            seconds = time.monotonic() - started
+            self.last_check = DatabaseCheck(
+                reachable, seconds, time.time() - seconds, self._server_version
+            )
+            return reachable
 
     async def expire_pooled_connections(self) -> None:
         """Replaces pooled connections lazily, after an outage left them broken."""

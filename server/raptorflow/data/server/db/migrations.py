@@ -118,6 +118,10 @@ async def provision_app_role(conn: Connection, role: str, schema: str) -> None:
                     f"REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON raptorflow_data.{table}"
                     f" FROM {role_ident}"
                 )
+        # The job history and schedule claims are the owner's alone (maintenance/jobs.py).
+        for table in ("jobs", "schedule_claims"):
+            if await conn.fetchval("SELECT to_regclass($1)", f"raptorflow_data.{table}"):
+                await conn.execute(f"REVOKE ALL ON raptorflow_data.{table} FROM {role_ident}")
 
 
 async def grant_tables(conn: Connection, role: str, schema: str, tables: Iterable[str]) -> None:

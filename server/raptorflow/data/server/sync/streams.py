@@ -408,9 +408,11 @@ class SyncStreams:
                 *resume.boundaries,
                 Boundary(resume.snapshot, resume.table_index, resume.key),
             )
+        # Held for the whole snapshot, for as long as the client takes to read it:
+        # long-lived, so the leak watchdog leaves it alone.
         async with (
             self._snapshot_slots,
-            self._database.connection(_NO_DEADLINE) as conn,
+            self._database.connection(_NO_DEADLINE, long_lived=True) as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
             snapshot = str(await conn.fetchval(sql.CURRENT_SNAPSHOT))

@@ -1,0 +1,1 @@
+"""Maintenance: backups and restores, vacuum/analyze/reindex/retention, jobs and schedules."""

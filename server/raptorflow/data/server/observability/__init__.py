@@ -1,0 +1,1 @@
+"""Observability: the status view, Prometheus metrics, structured logs, the leak watchdog."""

@@ -1,0 +1,864 @@
+"""Backups and restores through the real server: ExportBackup, RestoreBackup and backup files.
+
+The module's own tables hold awkward values of many types (NaN, -0.0,
+infinities, NULLs, empty arrays, NUL bytes, unicode); every comparison is of
+PostgreSQL's own text form of whole rows, read directly, so "identical" means
+value for value. A stored generated column is left out of the backup and
+recomputed; an identity column keeps its values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+from conftest import ODD_TABLE, start_server
+from job_helpers import watch_to_end
+from pg_activity import service_backends
+from raptorflow.data.server.app import RunningServer
+from raptorflow.data.server.config import Settings
+from raptorflow.data.server.errors import ServiceError
+from raptorflow.data.server.maintenance import backup_file
+from raptorflow.data.v1 import job_pb2, maintenance_service_pb2, maintenance_service_pb2_grpc
+from statuses import rpc_error
+
+pb = maintenance_service_pb2
+Stub = maintenance_service_pb2_grpc.MaintenanceServiceStub
+
+ITEMS = "backup_items"
+NOTES = "backup_notes"
+TABLES = [ITEMS, NOTES]
+ITEMS_PER_WORKSPACE = 300
+NOTES_PER_WORKSPACE = 200
+
+SCHEMA_SQL = f"""
+CREATE TABLE {ITEMS} (
+    id bigint PRIMARY KEY,
+    workspace_id uuid NOT NULL,
+    small smallint,
+    count integer,
+    big bigint,
+    amount numeric(20, 6),
+    exact numeric,
+    label text,
+    flag boolean,
+    happened_at timestamptz,
+    local_time timestamp,
+    day date,
+    doc jsonb,
+    raw_json json,
+    ref uuid,
+    blob bytea,
+    tags text[],
+    scores integer[],
+    ratio double precision,
+    ratio4 real,
+    note varchar(40),
+    label_length integer GENERATED ALWAYS AS (length(label)) STORED
+);
+CREATE INDEX ON {ITEMS} (workspace_id);
+CREATE TABLE {NOTES} (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    workspace_id uuid NOT NULL,
+    item_id bigint REFERENCES {ITEMS} (id) ON DELETE CASCADE,
+    body text NOT NULL
+);
+CREATE INDEX ON {NOTES} (workspace_id);
+"""
+
+INSERT_ITEM = f"""
+INSERT INTO {ITEMS} (id, workspace_id, small, count, big, amount, exact, label, flag,
+    happened_at, local_time, day, doc, raw_json, ref, blob, tags, scores, ratio, ratio4, note)
+VALUES ($1, $2, $3, $4, $5, $6::text::numeric, $7::text::numeric, $8, $9,
+    $10::text::timestamptz, $11::text::timestamp, $12::text::date, $13::text::jsonb,
+    $14::text::json, $15, $16, $17, $18, $19::text::float8, $20::text::float4, $21)
+"""
+INSERT_NOTE = f"INSERT INTO {NOTES} (workspace_id, item_id, body) VALUES ($1, $2, $3)"
+
+FLOATS = [
+    "0.1",
+    "-0",
+    "NaN",
+    "Infinity",
+    "-Infinity",
+    "1e308",
+    "5e-324",
+    "2.5",
+    "-1.7976931348623157e308",
+]
+REALS = ["0.1", "-0", "NaN", "Infinity", "-Infinity", "3.4028235e38", "1e-45", "2.5"]
+NUMERICS = ["0.000001", "-99999999999999.999999", "NaN", "3.141592653589793238462643383279", "0"]
+TIMESTAMPS = [
+    "2024-02-29 23:59:59.999999+00",
+    "infinity",
+    "-infinity",
+    "1970-01-01 00:00:00+00",
+    "0001-01-01 00:00:00+00",
+    "2000-06-15 12:30:00.5-07:00",
+]
+TEXTS = [
+    "",
+    "plain",
+    "quote ' and \" and \\ backslash",
+    "tab\tnew\nline",
+    "ünïcødé ✓ 日本",
+    "a" * 120,
+]
+
+
+def item_row(index: int, item_id: int, workspace: uuid.UUID) -> tuple[object, ...]:
+    """One row; every column is NULL in some rows and awkward in others."""
+
+    def pick(values: Sequence[object], offset: int = 0) -> object:
+        position = (index + offset) % (len(values) + 1)
+        return None if position == len(values) else values[position]
+
+    return (
+        item_id,
+        workspace,
+        pick([0, -32768, 32767, 7]),
+        pick([0, -(2**31), 2**31 - 1, index]),
+        pick([0, -(2**63), 2**63 - 1, index * 1_000_003]),
+        pick(["123456.654321", "-0.000001", "0", "99999999999999.999999"]),
+        pick(NUMERICS, 1),
+        pick(TEXTS),
+        pick([True, False]),
+        pick(TIMESTAMPS),
+        pick(["2024-01-01 00:00:00.000001", "infinity", "1999-12-31 23:59:59"]),
+        pick(["2024-02-29", "0001-01-01", "infinity", "5874897-12-31"]),
+        pick(['{"a": [1, 2.5, null, "x"], "b": {"c": "ü"}}', "[]", '"str"', "null", "0.1"]),
+        pick(['{"keep":  "spacing", "dup": 1, "dup": 2}', "[1,2]"]),
+        pick([uuid.UUID(int=index), uuid.UUID(int=0)]),
+        pick([b"", b"\x00\x01\xff", bytes(range(256))]),
+        pick([[], ["a", None, "c"], ["x,y", '"q"', "{}", ""]]),
+        pick([[], [1, None, -3], [2**31 - 1]]),
+        pick(FLOATS),
+        pick(REALS, 3),
+        pick(["", "forty characters ......................."]),
+    )
+
+
+async def seed(db: asyncpg.Connection, workspace: str, first_id: int) -> None:
+    ws = uuid.UUID(workspace)
+    items = [item_row(i, first_id + i, ws) for i in range(ITEMS_PER_WORKSPACE)]
+    await db.executemany(INSERT_ITEM, items)
+    notes = [
+        (ws, first_id + (i * 7) % ITEMS_PER_WORKSPACE if i % 5 else None, f"note {i} ✎")
+        for i in range(NOTES_PER_WORKSPACE)
+    ]
+    await db.executemany(INSERT_NOTE, notes)
+
+
+async def rows_as_text(db: asyncpg.Connection, workspace: str | None) -> dict[str, list[str]]:
+    """Every row of the module's tables (of one workspace), in PostgreSQL's text form."""
+    out = {}
+    for table, key in ((ITEMS, "id"), (NOTES, "seq")):
+        where = "" if workspace is None else " WHERE workspace_id = $1"
+        args = [] if workspace is None else [uuid.UUID(workspace)]
+        out[table] = [
+            r[0]
+            for r in await db.fetch(f"SELECT t::text FROM {table} t{where} ORDER BY {key}", *args)
+        ]
+    return out
+
+
+async def delete_workspace(db: asyncpg.Connection, workspace: str) -> None:
+    await db.execute(f"DELETE FROM {NOTES} WHERE workspace_id = $1", uuid.UUID(workspace))
+    await db.execute(f"DELETE FROM {ITEMS} WHERE workspace_id = $1", uuid.UUID(workspace))
+
+
+class Workspaces:
+    """The two workspaces the module seeds, and their rows as seeded."""
+
+    def __init__(self, first: str, second: str) -> None:
+        self.first = first
+        self.second = second
+        self.first_rows: dict[str, list[str]] = {}
+        self.second_rows: dict[str, list[str]] = {}
+
+
+@pytest.fixture(scope="module")
+async def seeded(server: RunningServer, db: asyncpg.Connection) -> Workspaces:
+    await db.execute(SCHEMA_SQL)
+    await server.catalog.reload()
+    workspaces = Workspaces(str(uuid.uuid4()), str(uuid.uuid4()))
+    await seed(db, workspaces.first, 1)
+    await seed(db, workspaces.second, 100_001)
+    workspaces.first_rows = await rows_as_text(db, workspaces.first)
+    workspaces.second_rows = await rows_as_text(db, workspaces.second)
+    assert len(workspaces.first_rows[ITEMS]) == ITEMS_PER_WORKSPACE
+    return workspaces
+
+
+@pytest.fixture
+async def restored(seeded: Workspaces, db: asyncpg.Connection) -> AsyncIterator[Workspaces]:
+    """After each test: both workspaces as seeded again, whatever the test did."""
+    yield seeded
+    for workspace in (seeded.first, seeded.second):
+        await delete_workspace(db, workspace)
+    await seed(db, seeded.first, 1)
+    await seed(db, seeded.second, 100_001)
+    # The identity column moved on: the rows as seeded now are the reference.
+    seeded.first_rows = await rows_as_text(db, seeded.first)
+    seeded.second_rows = await rows_as_text(db, seeded.second)
+
+
+@pytest.fixture(scope="module")
+def maintenance(channel: grpc.aio.Channel) -> Stub:
+    return Stub(channel)
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def scope(workspace: str = "", tables: Iterable[str] = TABLES) -> job_pb2.BackupScope:
+    return job_pb2.BackupScope(workspace_id=workspace, tables=list(tables))
+
+
+async def export(
+    stub: Stub, backup_scope: job_pb2.BackupScope, chunk_bytes: int = 0
+) -> list[pb.ExportBackupResponse]:
+    request = pb.ExportBackupRequest(scope=backup_scope, chunk_bytes=chunk_bytes)
+    return [message async for message in stub.ExportBackup(request, timeout=30)]
+
+
+def to_request(message: pb.ExportBackupResponse) -> pb.RestoreBackupRequest:
+    kind = message.WhichOneof("part")
+    if kind == "header":
+        return pb.RestoreBackupRequest(header=message.header)
+    if kind == "chunk":
+        return pb.RestoreBackupRequest(chunk=message.chunk)
+    return pb.RestoreBackupRequest(manifest=message.manifest)
+
+
+def requests_of(
+    messages: Sequence[pb.ExportBackupResponse], replace_existing: bool = False
+) -> list[pb.RestoreBackupRequest]:
+    requests = [to_request(m) for m in messages]
+    requests[0].replace_existing = replace_existing
+    return requests
+
+
+async def restore(
+    stub: Stub, messages: Sequence[pb.ExportBackupResponse], replace_existing: bool = False
+) -> pb.RestoreBackupResponse:
+    response: pb.RestoreBackupResponse = await stub.RestoreBackup(
+        iter(requests_of(messages, replace_existing)), timeout=30
+    )
+    return response
+
+
+async def no_open_transactions(db: asyncpg.Connection, within: float = 5.0) -> None:
+    """Waits until none of the service's backends is in a transaction or running a COPY."""
+    started = time.monotonic()
+    while True:
+        busy = [
+            (r["state"], r["query"])
+            for r in (await service_backends(db)).values()
+            if r["state"] != "idle" and not r["query"].startswith("SELECT pg_stat")
+        ]
+        if not busy:
+            return
+        assert time.monotonic() - started < within, f"service backends still busy: {busy}"
+        await asyncio.sleep(0.05)
+
+
+def quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def chunks_of(messages: Sequence[pb.ExportBackupResponse]) -> list[pb.BackupChunk]:
+    return [m.chunk for m in messages if m.WhichOneof("part") == "chunk"]
+
+
+# ---------------------------------------------------------------------------
+# Export
+
+
+async def test_export_stream_shape(maintenance: Stub, seeded: Workspaces) -> None:
+    # Listed children-first: the backup still copies the referenced table first.
+    messages = await export(maintenance, scope(seeded.first, [NOTES, ITEMS]), chunk_bytes=4096)
+    header = messages[0].header
+    assert messages[0].WhichOneof("part") == "header"
+    assert messages[-1].WhichOneof("part") == "manifest"
+    assert header.format_version == 1
+    assert header.scope.workspace_id == seeded.first
+    assert list(header.scope.tables) == [ITEMS, NOTES]
+    assert [t.name for t in header.tables] == [ITEMS, NOTES]
+    items = header.tables[0]
+    # The generated column is left out; every other column is there, with its type.
+    assert "label_length" not in items.columns
+    assert items.columns[:3] == ["id", "workspace_id", "small"]
+    assert dict(zip(items.columns, items.column_types, strict=True))["amount"] == "numeric(20,6)"
+    assert list(header.tables[1].columns) == ["seq", "workspace_id", "item_id", "body"]
+    assert header.server_version_num >= 150000
+    assert header.snapshot_time.endswith("Z")
+
+    chunks = chunks_of(messages)
+    assert [c.sequence for c in chunks] == list(range(len(chunks)))
+    assert all(len(c.data) <= 4096 for c in chunks)
+    assert len(chunks) > 10
+    for chunk in chunks:
+        assert chunk.sha256 == hashlib.sha256(chunk.data).digest()
+    # Each table's chunks together are one binary COPY stream.
+    tables_in_order = [c.table for c in chunks]
+    assert tables_in_order == sorted(tables_in_order, key=[ITEMS, NOTES].index)
+    for table in TABLES:
+        data = b"".join(c.data for c in chunks if c.table == table)
+        assert data.startswith(b"PGCOPY\n\xff\r\n\x00")
+        assert data.endswith(b"\xff\xff")
+
+    manifest = messages[-1].manifest
+    assert [(t.table, t.row_count) for t in manifest.tables] == [
+        (ITEMS, ITEMS_PER_WORKSPACE),
+        (NOTES, NOTES_PER_WORKSPACE),
+    ]
+    assert manifest.chunk_count == len(chunks)
+    assert manifest.data_bytes == sum(len(c.data) for c in chunks)
+    assert manifest.sha256 == hashlib.sha256(b"".join(c.data for c in chunks)).hexdigest()
+
+
+async def test_export_of_an_empty_workspace(maintenance: Stub, seeded: Workspaces) -> None:
+    messages = await export(maintenance, scope(str(uuid.uuid4())))
+    chunks = chunks_of(messages)
+    # Even no rows make one chunk per table: the COPY header and trailer.
+    assert [c.table for c in chunks] == [ITEMS, NOTES]
+    assert [t.row_count for t in messages[-1].manifest.tables] == [0, 0]
+
+
+@pytest.mark.parametrize(
+    ("request_scope", "chunk_bytes", "field"),
+    [
+        (scope("not-a-uuid"), 0, "scope.workspace_id"),
+        (scope("00000000-0000-0000-0000-000000000000' OR '1'='1"), 0, "scope.workspace_id"),
+        (scope("", [ITEMS, "no_such_table"]), 0, "scope.tables[1]"),
+        (scope("", [ITEMS, "internal_secrets"]), 0, "scope.tables[1]"),
+        (scope("", [ITEMS, ITEMS]), 0, "scope.tables[1]"),
+        (scope(""), 100, "chunk_bytes"),
+        (scope(""), 5 << 20, "chunk_bytes"),
+    ],
+)
+async def test_export_refuses_bad_requests(
+    maintenance: Stub,
+    seeded: Workspaces,
+    db: asyncpg.Connection,
+    request_scope: job_pb2.BackupScope,
+    chunk_bytes: int,
+    field: str,
+) -> None:
+    received: list[pb.ExportBackupResponse] = []
+
+    async def consume() -> None:
+        request = pb.ExportBackupRequest(scope=request_scope, chunk_bytes=chunk_bytes)
+        async for message in maintenance.ExportBackup(request, timeout=10):
+            received.append(message)
+
+    failure = await rpc_error(consume(), echoed=request_scope.workspace_id)
+    assert failure.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert failure.fields == [field]
+    # Refused before anything was read: not even a header.
+    assert received == []
+
+
+async def test_cancelled_export_rolls_back(
+    maintenance: Stub, seeded: Workspaces, db: asyncpg.Connection
+) -> None:
+    call = maintenance.ExportBackup(
+        pb.ExportBackupRequest(scope=scope(), chunk_bytes=4096), timeout=30
+    )
+    for _ in range(3):
+        assert await call.read() is not grpc.aio.EOF
+    call.cancel()
+    await no_open_transactions(db)
+    # The owner connections are free again: a whole export still runs.
+    assert len(await export(maintenance, scope(seeded.second))) > 2
+
+
+# ---------------------------------------------------------------------------
+# Restore
+
+
+async def test_workspace_round_trip(
+    maintenance: Stub, restored: Workspaces, db: asyncpg.Connection
+) -> None:
+    messages = await export(maintenance, scope(restored.first), chunk_bytes=8192)
+    await delete_workspace(db, restored.first)
+    response = await restore(maintenance, messages)
+    assert [(t.table, t.row_count) for t in response.tables] == [
+        (ITEMS, ITEMS_PER_WORKSPACE),
+        (NOTES, NOTES_PER_WORKSPACE),
+    ]
+    assert response.replaced_row_count == 0
+    assert response.data_bytes == messages[-1].manifest.data_bytes
+    assert await rows_as_text(db, restored.first) == restored.first_rows
+    assert await rows_as_text(db, restored.second) == restored.second_rows
+
+
+async def test_restore_refused_while_the_workspace_has_rows(
+    maintenance: Stub, restored: Workspaces, db: asyncpg.Connection
+) -> None:
+    messages = await export(maintenance, scope(restored.first))
+    failure = await rpc_error(restore(maintenance, messages))
+    assert (failure.code, failure.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "WORKSPACE_NOT_EMPTY",
+    )
+    # With replace_existing: the workspace's rows are deleted and loaded again, at once.
+    await db.execute(
+        f"UPDATE {ITEMS} SET label = 'changed' WHERE workspace_id = $1", uuid.UUID(restored.first)
+    )
+    response = await restore(maintenance, messages, replace_existing=True)
+    assert response.replaced_row_count == ITEMS_PER_WORKSPACE + NOTES_PER_WORKSPACE
+    assert await rows_as_text(db, restored.first) == restored.first_rows
+    assert await rows_as_text(db, restored.second) == restored.second_rows
+
+
+async def test_all_workspaces_round_trip(
+    maintenance: Stub, restored: Workspaces, db: asyncpg.Connection
+) -> None:
+    before = await rows_as_text(db, None)
+    messages = await export(maintenance, scope("", [NOTES, ITEMS]))
+    assert messages[0].header.scope.workspace_id == ""
+    assert [t.row_count for t in messages[-1].manifest.tables] == [
+        2 * ITEMS_PER_WORKSPACE,
+        2 * NOTES_PER_WORKSPACE,
+    ]
+    failure = await rpc_error(restore(maintenance, messages))
+    assert failure.reason == "WORKSPACE_NOT_EMPTY"
+    await db.execute(f"DELETE FROM {NOTES}")
+    await db.execute(f"DELETE FROM {ITEMS}")
+    # As in a fresh database: the identity sequence starts again below the backup's values.
+    await db.execute(f"ALTER TABLE {NOTES} ALTER COLUMN seq RESTART WITH 1")
+    response = await restore(maintenance, messages)
+    assert [t.row_count for t in response.tables] == [
+        2 * ITEMS_PER_WORKSPACE,
+        2 * NOTES_PER_WORKSPACE,
+    ]
+    assert await rows_as_text(db, None) == before
+    # The restore moved the sequence past the loaded values: a new row does not collide.
+    top = await db.fetchval(f"SELECT max(seq) FROM {NOTES}")
+    new_seq = await db.fetchval(
+        f"INSERT INTO {NOTES} (workspace_id, body) VALUES ($1, 'new') RETURNING seq",
+        uuid.UUID(restored.first),
+    )
+    assert new_seq > top
+    await db.execute(f"DELETE FROM {NOTES} WHERE seq = $1", new_seq)
+    response = await restore(maintenance, messages, replace_existing=True)
+    assert response.replaced_row_count == 2 * (ITEMS_PER_WORKSPACE + NOTES_PER_WORKSPACE)
+    assert await rows_as_text(db, None) == before
+
+
+async def assert_refused_and_untouched(
+    stub: Stub,
+    db: asyncpg.Connection,
+    workspaces: Workspaces,
+    requests: Sequence[pb.RestoreBackupRequest],
+    code: grpc.StatusCode,
+    reason: str,
+) -> None:
+    """The restore fails as expected; the (emptied) first workspace stays empty."""
+    failure = await rpc_error(stub.RestoreBackup(iter(requests), timeout=30))
+    assert (failure.code, failure.reason) == (code, reason), failure.message
+    assert await rows_as_text(db, workspaces.first) == {ITEMS: [], NOTES: []}
+    assert await rows_as_text(db, workspaces.second) == workspaces.second_rows
+    await no_open_transactions(db)
+
+
+async def test_corrupted_backups_are_refused(
+    maintenance: Stub, restored: Workspaces, db: asyncpg.Connection
+) -> None:
+    messages = await export(maintenance, scope(restored.first), chunk_bytes=4096)
+    await delete_workspace(db, restored.first)
+    data_loss = grpc.StatusCode.DATA_LOSS
+
+    # A flipped byte in the last chunk of the second table: the first table was loaded
+    # by then, and is rolled back too.
+    requests = requests_of(messages)
+    last_chunk = requests[-2].chunk
+    flipped = bytearray(last_chunk.data)
+    flipped[len(flipped) // 2] ^= 0x01
+    last_chunk.data = bytes(flipped)
+    await assert_refused_and_untouched(
+        maintenance, db, restored, requests, data_loss, "CHECKSUM_MISMATCH"
+    )
+
+    requests = requests_of(messages)
+    requests[-1].manifest.sha256 = "0" * 64
+    await assert_refused_and_untouched(
+        maintenance, db, restored, requests, data_loss, "CHECKSUM_MISMATCH"
+    )
+
+    requests = requests_of(messages)
+    requests[-1].manifest.tables[1].row_count += 1
+    await assert_refused_and_untouched(
+        maintenance, db, restored, requests, data_loss, "ROW_COUNT_MISMATCH"
+    )
+
+
+async def test_malformed_streams_are_refused(
+    maintenance: Stub, restored: Workspaces, db: asyncpg.Connection
+) -> None:
+    messages = await export(maintenance, scope(restored.first), chunk_bytes=4096)
+    await delete_workspace(db, restored.first)
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    requests = requests_of(messages)
+    cases = {
+        "no header": requests[1:],
+        "a missing chunk": requests[:3] + requests[4:],
+        "chunks swapped": [requests[0], requests[2], requests[1], *requests[3:]],
+        "no manifest": requests[:-1],
+        "only a header": requests[:1],
+        "two manifests": [*requests, requests[-1]],
+        "a chunk after the manifest": [*requests, requests[1]],
+    }
+    for case in cases.values():
+        await assert_refused_and_untouched(
+            maintenance, db, restored, case, invalid, "MALFORMED_BACKUP"
+        )
+    await assert_refused_and_untouched(maintenance, db, restored, [], invalid, "MALFORMED_BACKUP")
+
+
+async def test_a_changed_or_unknown_table_is_refused(
+    maintenance: Stub, restored: Workspaces, db: asyncpg.Connection
+) -> None:
+    messages = await export(maintenance, scope(restored.first))
+    await delete_workspace(db, restored.first)
+
+    requests = requests_of(messages)
+    requests[0].header.tables[0].column_types[5] = "numeric(10,2)"
+    await assert_refused_and_untouched(
+        maintenance, db, restored, requests, grpc.StatusCode.FAILED_PRECONDITION, "TABLE_CHANGED"
+    )
+
+    requests = requests_of(messages)
+    del requests[0].header.tables[1].columns[3]
+    del requests[0].header.tables[1].column_types[3]
+    await assert_refused_and_untouched(
+        maintenance, db, restored, requests, grpc.StatusCode.FAILED_PRECONDITION, "TABLE_CHANGED"
+    )
+
+    requests = requests_of(messages)
+    requests[0].header.tables[1].name = "internal_secrets"
+    failure = await rpc_error(maintenance.RestoreBackup(iter(requests), timeout=30))
+    assert failure.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert failure.fields == ["header.tables[1]"]
+
+    requests = requests_of(messages)
+    requests[0].header.scope.workspace_id = "x' OR 1=1 --"
+    failure = await rpc_error(maintenance.RestoreBackup(iter(requests), timeout=30))
+    assert failure.fields == ["header.scope.workspace_id"]
+
+
+async def test_a_backup_never_writes_into_another_workspace(
+    maintenance: Stub, restored: Workspaces, db: asyncpg.Connection
+) -> None:
+    # Every workspace's rows, relabelled as the first workspace's backup: the second
+    # workspace's rows in it must not be written, whatever the checksums say.
+    messages = await export(maintenance, scope(""))
+    await delete_workspace(db, restored.first)
+    await delete_workspace(db, restored.second)
+    requests = requests_of(messages)
+    requests[0].header.scope.workspace_id = restored.first
+    failure = await rpc_error(maintenance.RestoreBackup(iter(requests), timeout=30))
+    assert (failure.code, failure.reason) == (grpc.StatusCode.DATA_LOSS, "ROW_COUNT_MISMATCH")
+    assert await rows_as_text(db, None) == {ITEMS: [], NOTES: []}
+
+
+async def test_a_restore_cancelled_half_way_leaves_nothing(
+    maintenance: Stub, restored: Workspaces, db: asyncpg.Connection
+) -> None:
+    messages = await export(maintenance, scope(restored.first), chunk_bytes=4096)
+    await delete_workspace(db, restored.first)
+    requests = requests_of(messages)
+    half = len(requests) // 2
+    sent = asyncio.Event()
+
+    async def stream() -> AsyncIterator[pb.RestoreBackupRequest]:
+        for request in requests[:half]:
+            yield request
+        sent.set()
+        await asyncio.sleep(60)  # never finishes: the client is cancelled meanwhile
+
+    call = maintenance.RestoreBackup(stream(), timeout=30)
+    await sent.wait()
+    # Wait until the service is inside its COPY, then go away.
+    started = time.monotonic()
+    while not any(
+        r["query"].startswith("COPY") and r["state"] == "active"
+        for r in (await service_backends(db)).values()
+    ):
+        assert time.monotonic() - started < 5, "the restore's COPY never started"
+        await asyncio.sleep(0.02)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await no_open_transactions(db)
+    assert await rows_as_text(db, restored.first) == {ITEMS: [], NOTES: []}
+    # Nothing leaked: a whole restore still runs.
+    response = await restore(maintenance, messages)
+    assert response.tables[0].row_count == ITEMS_PER_WORKSPACE
+    assert await rows_as_text(db, restored.first) == restored.first_rows
+
+
+# ---------------------------------------------------------------------------
+# Files
+
+
+class RecordingProgress:
+    """A job's Progress that keeps every report."""
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[str, int, int, int]] = []
+
+    async def report(
+        self,
+        phase: str,
+        *,
+        done: int = 0,
+        total: int = 0,
+        unit: job_pb2.ProgressUnit.ValueType = job_pb2.PROGRESS_UNIT_UNSPECIFIED,
+    ) -> None:
+        self.reports.append((phase, done, total, unit))
+
+
+@pytest.fixture(scope="module")
+def backup_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("backup-root")
+    (root / "backups").mkdir()
+    (root / "outside").mkdir()
+    (root / "backups" / "escape").symlink_to(root / "outside")
+    (root / "backups" / "escape-file.bak").symlink_to(root / "outside" / "x.bak")
+    return root / "backups"
+
+
+@pytest.fixture(scope="module")
+async def file_server(
+    settings: Settings, backup_dir: Path, seeded: Workspaces
+) -> AsyncIterator[RunningServer]:
+    running = await start_server(settings, backup_dir=str(backup_dir))
+    try:
+        yield running
+    finally:
+        await running.stop(grace=1.0)
+
+
+async def test_file_round_trip(
+    file_server: RunningServer, backup_dir: Path, restored: Workspaces, db: asyncpg.Connection
+) -> None:
+    backups = file_server.maintenance.backups
+    spec = job_pb2.BackupToFileJob(scope=scope(restored.first), path="daily/first.bak")
+    await backups.check_backup_file(spec, "spec.backup_to_file")
+    progress = RecordingProgress()
+    result = await backups.backup_to_file(spec, progress)
+    file = backup_dir / "daily" / "first.bak"
+    content = file.read_bytes()
+    assert content.startswith(backup_file.MAGIC)
+    assert result.backup_path == "daily/first.bak"
+    assert result.backup_bytes == len(content)
+    assert result.backup_sha256 == hashlib.sha256(content).hexdigest()
+    assert [(t.table, t.action, t.rows) for t in result.tables] == [
+        (ITEMS, "COPY TO", ITEMS_PER_WORKSPACE),
+        (NOTES, "COPY TO", NOTES_PER_WORKSPACE),
+    ]
+    assert {phase for phase, *_ in progress.reports} == {f"copy {ITEMS}", f"copy {NOTES}", "commit"}
+    assert progress.reports[-1][:2] == ("commit", len(content))
+    assert all(unit == job_pb2.PROGRESS_UNIT_BYTES for *_, unit in progress.reports)
+    # No temporary file is left next to it.
+    assert os.listdir(backup_dir / "daily") == ["first.bak"]
+
+    # The same name again: refused, the file untouched.
+    with pytest.raises(ServiceError) as caught:
+        await backups.check_backup_file(spec, "spec.backup_to_file")
+    assert caught.value.reason == "BACKUP_FILE_EXISTS"
+    with pytest.raises(ServiceError):
+        await backups.backup_to_file(spec, RecordingProgress())
+    assert file.read_bytes() == content
+
+    restore_spec = job_pb2.RestoreFromFileJob(path="daily/first.bak")
+    await backups.check_restore_file(restore_spec, "spec.restore_from_file")
+    with pytest.raises(ServiceError) as caught:
+        await backups.restore_from_file(restore_spec, RecordingProgress())
+    assert caught.value.reason == "WORKSPACE_NOT_EMPTY"
+
+    await delete_workspace(db, restored.first)
+    progress = RecordingProgress()
+    result = await backups.restore_from_file(restore_spec, progress)
+    assert [(t.table, t.action, t.rows) for t in result.tables] == [
+        (ITEMS, "COPY FROM", ITEMS_PER_WORKSPACE),
+        (NOTES, "COPY FROM", NOTES_PER_WORKSPACE),
+    ]
+    assert result.backup_sha256 == hashlib.sha256(content).hexdigest()
+    assert result.backup_bytes == len(content)
+    assert progress.reports[-1][1:3] == (len(content), len(content))
+    assert await rows_as_text(db, restored.first) == restored.first_rows
+
+    replace = job_pb2.RestoreFromFileJob(path="daily/first.bak", replace_existing=True)
+    result = await backups.restore_from_file(replace, RecordingProgress())
+    assert [t.action for t in result.tables] == [
+        "DELETE (replace)",
+        "DELETE (replace)",
+        "COPY FROM",
+        "COPY FROM",
+    ]
+    assert await rows_as_text(db, restored.first) == restored.first_rows
+
+
+async def test_damaged_files_are_refused(
+    file_server: RunningServer, backup_dir: Path, restored: Workspaces, db: asyncpg.Connection
+) -> None:
+    backups = file_server.maintenance.backups
+    spec = job_pb2.BackupToFileJob(scope=scope(restored.first), path="damaged.bak")
+    await backups.backup_to_file(spec, RecordingProgress())
+    content = (backup_dir / "damaged.bak").read_bytes()
+    await delete_workspace(db, restored.first)
+
+    cases = {
+        "flipped.bak": (
+            content[: len(content) // 2]
+            + bytes([content[len(content) // 2] ^ 1])
+            + content[len(content) // 2 + 1 :],
+            {"CHECKSUM_MISMATCH", "MALFORMED_BACKUP"},
+        ),
+        "truncated.bak": (content[: len(content) - 10], {"MALFORMED_BACKUP"}),
+        "not-a-backup.bak": (b"hello\n", {"MALFORMED_BACKUP"}),
+    }
+    for name, (data, reasons) in cases.items():
+        (backup_dir / name).write_bytes(data)
+        with pytest.raises(ServiceError) as caught:
+            await backups.restore_from_file(
+                job_pb2.RestoreFromFileJob(path=name), RecordingProgress()
+            )
+        assert caught.value.reason in reasons, (name, caught.value)
+        assert await rows_as_text(db, restored.first) == {ITEMS: [], NOTES: []}
+    await no_open_transactions(db)
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("../outside/x.bak", "PATH_OUTSIDE_BACKUP_DIR"),
+        ("daily/../../outside/x.bak", "PATH_OUTSIDE_BACKUP_DIR"),
+        ("/tmp/x.bak", "PATH_OUTSIDE_BACKUP_DIR"),
+        ("escape/x.bak", "PATH_OUTSIDE_BACKUP_DIR"),
+        ("escape-file.bak", "PATH_OUTSIDE_BACKUP_DIR"),
+        (".", "PATH_OUTSIDE_BACKUP_DIR"),
+        ("", "PATH_REQUIRED"),
+    ],
+)
+async def test_paths_outside_the_directory_are_refused(
+    file_server: RunningServer, backup_dir: Path, seeded: Workspaces, path: str, reason: str
+) -> None:
+    async with grpc.aio.insecure_channel(file_server.address) as channel:
+        stub = Stub(channel)
+        spec = job_pb2.JobSpec(
+            backup_to_file=job_pb2.BackupToFileJob(scope=scope(seeded.first), path=path)
+        )
+        failure = await rpc_error(stub.StartJob(pb.StartJobRequest(spec=spec), timeout=10))
+        assert (failure.code, failure.reason) == (grpc.StatusCode.INVALID_ARGUMENT, reason)
+        assert failure.fields == ["spec.backup_to_file.path"]
+        spec = job_pb2.JobSpec(restore_from_file=job_pb2.RestoreFromFileJob(path=path))
+        failure = await rpc_error(stub.StartJob(pb.StartJobRequest(spec=spec), timeout=10))
+        assert (failure.code, failure.reason) == (grpc.StatusCode.INVALID_ARGUMENT, reason)
+    backups = file_server.maintenance.backups
+    with pytest.raises(ServiceError) as caught:
+        await backups.backup_to_file(
+            job_pb2.BackupToFileJob(scope=scope(seeded.first), path=path), RecordingProgress()
+        )
+    assert caught.value.reason == reason
+    assert os.listdir(backup_dir.parent / "outside") == []
+
+
+async def test_file_jobs_need_a_backup_directory(maintenance: Stub, seeded: Workspaces) -> None:
+    for spec in (
+        job_pb2.JobSpec(backup_to_file=job_pb2.BackupToFileJob(scope=scope(), path="x.bak")),
+        job_pb2.JobSpec(restore_from_file=job_pb2.RestoreFromFileJob(path="x.bak")),
+    ):
+        failure = await rpc_error(maintenance.StartJob(pb.StartJobRequest(spec=spec), timeout=10))
+        assert (failure.code, failure.reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "BACKUP_DIR_NOT_SET",
+        )
+
+
+async def test_a_missing_file_is_not_found(
+    file_server: RunningServer, backup_dir: Path, seeded: Workspaces
+) -> None:
+    (backup_dir / "a-directory").mkdir(exist_ok=True)
+    async with grpc.aio.insecure_channel(file_server.address) as channel:
+        for path in ("none.bak", "a-directory", "none/x.bak"):
+            spec = job_pb2.JobSpec(restore_from_file=job_pb2.RestoreFromFileJob(path=path))
+            failure = await rpc_error(
+                Stub(channel).StartJob(pb.StartJobRequest(spec=spec), timeout=10)
+            )
+            assert (failure.code, failure.reason) == (
+                grpc.StatusCode.NOT_FOUND,
+                "BACKUP_FILE_NOT_FOUND",
+            ), path
+
+
+async def test_file_jobs_through_start_and_watch(
+    file_server: RunningServer, backup_dir: Path, restored: Workspaces, db: asyncpg.Connection
+) -> None:
+    async with grpc.aio.insecure_channel(file_server.address) as channel:
+        stub = Stub(channel)
+        backup = job_pb2.JobSpec(
+            backup_to_file=job_pb2.BackupToFileJob(scope=scope(restored.first), path="job.bak")
+        )
+        job = (await stub.StartJob(pb.StartJobRequest(spec=backup), timeout=10)).job
+        seen = await watch_to_end(stub, job.job_id)
+        final = seen[-1]
+        assert final.state == job_pb2.JOB_STATE_SUCCEEDED, final.error
+        content = (backup_dir / "job.bak").read_bytes()
+        assert final.result.backup_path == "job.bak"
+        assert final.result.backup_sha256 == hashlib.sha256(content).hexdigest()
+        assert [t.rows for t in final.result.tables] == [ITEMS_PER_WORKSPACE, NOTES_PER_WORKSPACE]
+
+        # Refused while the workspace has rows: the job fails and says why.
+        restore_spec = job_pb2.JobSpec(restore_from_file=job_pb2.RestoreFromFileJob(path="job.bak"))
+        job = (await stub.StartJob(pb.StartJobRequest(spec=restore_spec), timeout=10)).job
+        final = (await watch_to_end(stub, job.job_id))[-1]
+        assert final.state == job_pb2.JOB_STATE_FAILED
+        assert (final.error.code, final.error.reason) == (
+            "FAILED_PRECONDITION",
+            "WORKSPACE_NOT_EMPTY",
+        )
+
+        await delete_workspace(db, restored.first)
+        job = (await stub.StartJob(pb.StartJobRequest(spec=restore_spec), timeout=10)).job
+        final = (await watch_to_end(stub, job.job_id))[-1]
+        assert final.state == job_pb2.JOB_STATE_SUCCEEDED, final.error
+        assert [(t.action, t.rows) for t in final.result.tables] == [
+            ("COPY FROM", ITEMS_PER_WORKSPACE),
+            ("COPY FROM", NOTES_PER_WORKSPACE),
+        ]
+        assert await rows_as_text(db, restored.first) == restored.first_rows
+
+
+async def test_a_table_whose_names_need_quoting(
+    maintenance: Stub, seeded: Workspaces, db: asyncpg.Connection, server: RunningServer
+) -> None:
+    workspace = uuid.uuid4()
+    table = quote(ODD_TABLE)
+    await server.catalog.reload()
+    await db.executemany(
+        f'INSERT INTO {table} (id, workspace_id, "select", "drop table x; --") '
+        "VALUES ($1, $2, $3, $4)",
+        [(9_000_000 + i, workspace, f"s{i}", None if i % 2 else "'; --") for i in range(5)],
+    )
+    select = f"SELECT t::text FROM {table} t WHERE workspace_id = $1 ORDER BY id"
+    before = [r[0] for r in await db.fetch(select, workspace)]
+    messages = await export(maintenance, scope(str(workspace), [ODD_TABLE]))
+    await db.execute(f"DELETE FROM {table} WHERE workspace_id = $1", workspace)
+    response = await restore(maintenance, messages)
+    assert [(t.table, t.row_count) for t in response.tables] == [(ODD_TABLE, 5)]
+    assert [r[0] for r in await db.fetch(select, workspace)] == before
+    await db.execute(f"DELETE FROM {table} WHERE workspace_id = $1", workspace)
