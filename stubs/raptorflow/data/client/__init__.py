@@ -23,6 +23,18 @@ then changes, resumable by token) and stores and searches memory records::
     async for batch in client.memory.sync(workspace_id, tables=["notes"], resume_token=saved):
         apply(batch.event, batch.operations, batch.rows)
         saved = batch.resume_token
+
+`client.maintenance` backs up and restores, and runs maintenance jobs;
+`client.monitoring` reports how the server's database layer is doing::
+
+    job = await client.maintenance.vacuum(["events"])
+    job = await client.maintenance.wait_job(job.job_id)  # JobFailed unless it SUCCEEDED
+    await client.maintenance.backup_to_path("ws.rfbackup", workspace_id=workspace_id)
+    status = await client.monitoring.get_status()
+
+Code written against RaptorFlow's old integration layer imports
+`raptorflow.data.client.compat` instead (`get_database_service()`,
+`check_database_health()`, `DatabaseConnection`...).
 """
 
 from raptorflow.data.client._client import DataClient
@@ -57,6 +69,16 @@ from raptorflow.data.client._errors import (
     UnknownError,
     from_rpc_error,
 )
+from raptorflow.data.client._maintenance import (
+    BACKUP_FILE_MAGIC,
+    BackupFileError,
+    BackupPart,
+    JobFailed,
+    JobState,
+    LocalBackup,
+    Maintenance,
+    job_state,
+)
 from raptorflow.data.client._memory import (
     ChangeOperation,
     Memory,
@@ -68,6 +90,7 @@ from raptorflow.data.client._memory import (
     SyncStream,
     UpsertCounts,
 )
+from raptorflow.data.client._monitoring import Monitoring
 from raptorflow.data.client._query import (
     CountQuery,
     DeleteQuery,
@@ -108,10 +131,13 @@ from raptorflow.data.client._values import (
 )
 
 __all__ = [
+    "BACKUP_FILE_MAGIC",
     "ERROR_DOMAIN",
     "USE_CLIENT_DEFAULT",
     "Aborted",
     "AlreadyExists",
+    "BackupFileError",
+    "BackupPart",
     "Cancelled",
     "ChangeOperation",
     "ClientConfig",
@@ -126,12 +152,17 @@ __all__ = [
     "InsertQuery",
     "InternalError",
     "InvalidArgument",
+    "JobFailed",
+    "JobState",
     "Json",
     "JsonValue",
+    "LocalBackup",
+    "Maintenance",
     "Memory",
     "MemoryRecord",
     "MemoryRecordLike",
     "MetadataLike",
+    "Monitoring",
     "Mutation",
     "MutationResult",
     "NotFound",
@@ -173,6 +204,7 @@ __all__ = [
     "in_",
     "is_not_null",
     "is_null",
+    "job_state",
     "like",
     "lt",
     "lte",

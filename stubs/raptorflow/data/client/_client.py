@@ -20,7 +20,9 @@ from raptorflow.data.client._config import (
     merge_metadata,
 )
 from raptorflow.data.client._errors import Unavailable, from_rpc_error
+from raptorflow.data.client._maintenance import Maintenance
 from raptorflow.data.client._memory import Memory
+from raptorflow.data.client._monitoring import Monitoring
 from raptorflow.data.client._query import Workspace
 from raptorflow.data.client._values import canonical_workspace_id
 from raptorflow.data.v1 import workspace_service_pb2, workspace_service_pb2_grpc
@@ -60,6 +62,8 @@ class DataClient:
             )
         self._stub = workspace_service_pb2_grpc.WorkspaceServiceStub(self._channel)
         self._memory = Memory(self)
+        self._maintenance = Maintenance(self)
+        self._monitoring = Monitoring(self)
 
     @classmethod
     async def connect(
@@ -111,6 +115,17 @@ class DataClient:
         `acknowledge` progress, `upsert_records` and `search` memory records."""
         return self._memory
 
+    @property
+    def maintenance(self) -> Maintenance:
+        """Backups, restores and maintenance jobs (MaintenanceService): `export_backup`,
+        `restore_backup`, `backup_to_path`, `vacuum` and the other jobs, `wait_job`."""
+        return self._maintenance
+
+    @property
+    def monitoring(self) -> Monitoring:
+        """The server replica's status (MonitoringService): `get_status`."""
+        return self._monitoring
+
     def workspace(self, workspace_id: str | UUID) -> Workspace:
         """The tables of one workspace. Raises ValueError if the id is not a UUID."""
         return Workspace(self, canonical_workspace_id(workspace_id))
@@ -160,8 +175,9 @@ class DataClient:
 
         The single place where unary calls leave the client, so every RPC gets
         the same defaults and the same error conversion. Streaming calls
-        (`Memory.sync`, `Memory.upsert_records`) take the same defaults from
-        `_call_options` and convert errors as they read and write.
+        (`Memory.sync`, `Memory.upsert_records`, `Maintenance.export_backup`...)
+        take the same defaults from `_call_options` and convert errors as they
+        read and write.
         """
         deadline, merged = self._call_options(timeout, metadata)
         try:
