@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 import uuid
@@ -243,25 +241,6 @@ def print_table(results: list[dict[str, Any]], rows: int, sizes: dict[str, int])
     print("  sizes: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items()))
 
 
-def _rounded(value: Any) -> Any:
-    if isinstance(value, float):
-        return round(value, 4)
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rounded(v) for v in value]
-    return value
-
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(
-            ["git", *args], cwd=report.REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.backup", description=__doc__.split("\n")[0]
@@ -273,20 +252,12 @@ async def main() -> None:
     server_url = os.environ.get("DATABASE_URL")
     if not server_url:
         raise SystemExit("set DATABASE_URL to a PostgreSQL server (a database is created there)")
-    name = f"raptorflow_bench_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        postgres_version = str(await admin.fetchval("SHOW server_version"))
-    finally:
-        await admin.close()
-    bench_db = database.BenchDatabase(
-        server_url, name, database.with_database(server_url, name), str(uuid.uuid4()), args.rows
-    )
+    bench_db = await database.create_empty(server_url, args.rows)
     server = None
     try:
         conn = await asyncpg.connect(bench_db.url)
         try:
+            postgres_version = str(await conn.fetchval("SHOW server_version"))
             await conn.execute(SCHEMA_SQL)
             await conn.execute(FILL_SQL, uuid.UUID(bench_db.workspace_id), args.rows)
             await conn.execute(f"VACUUM ANALYZE {TABLE}")
@@ -300,15 +271,12 @@ async def main() -> None:
         results = summarize(timings, args.rows)
         print_table(results, args.rows, sizes)
         doc = {
-            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "git_commit": _git("rev-parse", "HEAD"),
-            "git_dirty": bool(_git("status", "--porcelain", "--", "server", "stubs")),
-            "machine": report.machine_info(postgres_version),
+            **report.run_info(postgres_version),
             "settings": {"rows": args.rows, "rounds": args.rounds, "table": TABLE},
             "sizes_bytes": sizes,
             "results": results,
         }
-        report.write(_rounded(doc), args.output)
+        report.write(report.rounded(doc), args.output)
         print(f"wrote {args.output}")
     finally:
         if server is not None:

@@ -46,17 +46,20 @@ class BenchDatabase:
     rows: int
 
 
-async def create(server_url: str, rows: int) -> BenchDatabase:
-    """A fresh database with `rows` rows of one workspace in `bench_items`."""
+async def create_empty(server_url: str, rows: int) -> BenchDatabase:
+    """A fresh database with no tables yet, for `rows` rows of one (new) workspace."""
     name = f"raptorflow_bench_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(server_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    database = BenchDatabase(
-        server_url, name, with_database(server_url, name), str(uuid.uuid4()), rows
-    )
+    return BenchDatabase(server_url, name, with_database(server_url, name), str(uuid.uuid4()), rows)
+
+
+async def create(server_url: str, rows: int) -> BenchDatabase:
+    """A fresh database with `rows` rows of one workspace in `bench_items`."""
+    database = await create_empty(server_url, rows)
     conn = await asyncpg.connect(database.url)
     try:
         await conn.execute(SCHEMA_SQL)

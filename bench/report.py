@@ -168,27 +168,35 @@ def machine_info(postgres_version: str) -> dict[str, Any]:
     }
 
 
-def document(
-    summaries: Sequence[Summary], settings: dict[str, Any], postgres_version: str
-) -> dict[str, Any]:
+def run_info(postgres_version: str) -> dict[str, Any]:
+    """What every results document starts with: when, at which commit, on which machine."""
     status = _git("status", "--porcelain", "--", "server", "stubs")
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(status),
         "machine": machine_info(postgres_version),
-        "settings": settings,
-        "results": [_rounded(asdict(s)) for s in summaries],
     }
 
 
-def _rounded(value: Any) -> Any:
+def document(
+    summaries: Sequence[Summary], settings: dict[str, Any], postgres_version: str
+) -> dict[str, Any]:
+    return {
+        **run_info(postgres_version),
+        "settings": settings,
+        "results": [rounded(asdict(s)) for s in summaries],
+    }
+
+
+def rounded(value: Any) -> Any:
+    """`value` with every float in it rounded to 4 places (the JSON stays readable)."""
     if isinstance(value, float):
         return round(value, 4)
     if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
+        return {k: rounded(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_rounded(v) for v in value]
+        return [rounded(v) for v in value]
     return value
 
 

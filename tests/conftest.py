@@ -24,7 +24,7 @@ import grpc
 import pytest
 from raptorflow.data.server import app
 from raptorflow.data.server.config import Settings
-from raptorflow.data.v1 import workspace_service_pb2_grpc
+from raptorflow.data.v1 import maintenance_service_pb2_grpc, workspace_service_pb2_grpc
 
 # The one row of internal_secrets, a table no request may reach: no response carries it.
 SECRET = "do not leak"
@@ -206,6 +206,11 @@ async def channel(server: app.RunningServer) -> AsyncIterator[grpc.aio.Channel]:
 @pytest.fixture(scope="module")
 def stub(channel: grpc.aio.Channel) -> workspace_service_pb2_grpc.WorkspaceServiceStub:
     return workspace_service_pb2_grpc.WorkspaceServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def maintenance(channel: grpc.aio.Channel) -> maintenance_service_pb2_grpc.MaintenanceServiceStub:
+    return maintenance_service_pb2_grpc.MaintenanceServiceStub(channel)
 
 
 @pytest.fixture(scope="module")

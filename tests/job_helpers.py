@@ -1,5 +1,5 @@
 """Helpers of the job and schedule tests: a job runtime of the test's own with a scripted
-executor, a table the test locks, and readers of job streams.
+executor, a progress that records, a table the test locks, and readers of job streams.
 
 `ScriptedExecutor` stands in for `JobExecutor` in runtime tests only (the RPC tests
 run real VACUUM/ANALYZE jobs): an ANALYZE spec's first table names what the job
@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -39,6 +37,23 @@ def scripted(command: str, *args: str) -> job_pb2.JobSpec:
 
 def analyze(*tables: str) -> job_pb2.JobSpec:
     return job_pb2.JobSpec(analyze=job_pb2.AnalyzeJob(tables=list(tables)))
+
+
+class RecordingProgress:
+    """A job's Progress that keeps every report, in order, for direct runs of an executor."""
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[str, int, int, int]] = []
+
+    async def report(
+        self,
+        phase: str,
+        *,
+        done: int = 0,
+        total: int = 0,
+        unit: job_pb2.ProgressUnit.ValueType = job_pb2.PROGRESS_UNIT_UNSPECIFIED,
+    ) -> None:
+        self.reports.append((phase, done, total, unit))
 
 
 class ScriptedExecutor:
@@ -206,19 +221,3 @@ async def wait_until_no_lock_waiters(db: asyncpg.Connection, within: float = 5.0
     while waiting := await lock_waiters(db):
         assert time.monotonic() - started < within, f"backends still wait for a lock: {waiting}"
         await asyncio.sleep(0.02)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def command_environment() -> dict[str, str]:
-    """The test's environment without settings, so only the flags given count."""
-    return {
-        key: value
-        for key, value in os.environ.items()
-        if key != "DATABASE_URL" and not key.startswith("RAPTORFLOW_")
-    }

@@ -1,5 +1,5 @@
 """The service's backends as PostgreSQL's pg_stat_activity shows them, for tests that
-hold a row lock from their own connection and watch the service's statements wait on it."""
+hold a lock from their own connection and watch the service's statements wait on it."""
 
 from __future__ import annotations
 
@@ -38,6 +38,24 @@ async def wait_for_lock_waits(
         assert time.monotonic() - started < within, (
             f"fewer than {count} backends of the service waited for a lock within {within} s"
         )
+        await asyncio.sleep(0.02)
+
+
+async def wait_for_statement_lock_wait(
+    db: asyncpg.Connection, statement: str, within: float = 10.0
+) -> None:
+    """Waits until a backend (of any role or pool) running `statement` waits for a lock."""
+    started = time.monotonic()
+    while True:
+        await db.execute(CLEAR_SNAPSHOT)
+        waiting = await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query LIKE $1",
+            statement + "%",
+        )
+        if waiting:
+            return
+        assert time.monotonic() - started < within, f"{statement} never waited for a lock"
         await asyncio.sleep(0.02)
 
 

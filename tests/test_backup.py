@@ -21,7 +21,7 @@ import asyncpg
 import grpc
 import pytest
 from conftest import ODD_TABLE, start_server
-from job_helpers import watch_to_end
+from job_helpers import RecordingProgress, watch_to_end
 from pg_activity import service_backends
 from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
@@ -209,11 +209,6 @@ async def restored(seeded: Workspaces, db: asyncpg.Connection) -> AsyncIterator[
     # The identity column moved on: the rows as seeded now are the reference.
     seeded.first_rows = await rows_as_text(db, seeded.first)
     seeded.second_rows = await rows_as_text(db, seeded.second)
-
-
-@pytest.fixture(scope="module")
-def maintenance(channel: grpc.aio.Channel) -> Stub:
-    return Stub(channel)
 
 
 # ---------------------------------------------------------------------------
@@ -611,23 +606,6 @@ async def test_a_restore_cancelled_half_way_leaves_nothing(
 
 # ---------------------------------------------------------------------------
 # Files
-
-
-class RecordingProgress:
-    """A job's Progress that keeps every report."""
-
-    def __init__(self) -> None:
-        self.reports: list[tuple[str, int, int, int]] = []
-
-    async def report(
-        self,
-        phase: str,
-        *,
-        done: int = 0,
-        total: int = 0,
-        unit: job_pb2.ProgressUnit.ValueType = job_pb2.PROGRESS_UNIT_UNSPECIFIED,
-    ) -> None:
-        self.reports.append((phase, done, total, unit))
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,7 @@ serving while the command talks to them.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,13 +18,11 @@ import asyncpg
 import grpc
 import pytest
 from conftest import start_server, with_database
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
 from raptorflow.data.server.db.migrations import bundled_migrations
 from raptorflow.data.v1 import workspace_service_pb2, workspace_service_pb2_grpc
-
-COMMAND = (sys.executable, "-m", "raptorflow.data.server")
+from server_process import COMMAND, command_environment, free_port, spawn_serve, wait_until_serving
 
 
 @dataclass(frozen=True)
@@ -35,15 +30,6 @@ class Exited:
     returncode: int
     stdout: str
     stderr: str
-
-
-def command_environment() -> dict[str, str]:
-    """The test's environment without settings, so only the flags given count."""
-    return {
-        key: value
-        for key, value in os.environ.items()
-        if key != "DATABASE_URL" and not key.startswith("RAPTORFLOW_")
-    }
 
 
 async def raptorflow_data(*args: str, within: float = 20.0) -> Exited:
@@ -63,13 +49,6 @@ async def raptorflow_data(*args: str, within: float = 20.0) -> Exited:
             await process.wait()
     assert process.returncode is not None
     return Exited(process.returncode, stdout.decode(), stderr.decode())
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 # -- health ---------------------------------------------------------------------
@@ -165,43 +144,12 @@ async def test_migrate_without_database_url_exits_2() -> None:
 
 async def test_serve_becomes_serving_and_exits_0_on_sigterm(database_url: str) -> None:
     address = f"127.0.0.1:{free_port()}"
-    process = await asyncio.create_subprocess_exec(
-        *COMMAND,
-        "serve",
-        "--listen",
-        address,
-        "--database-url",
-        database_url,
-        "--health-interval",
-        "0.2",
-        "--shutdown-grace-seconds",
-        "2",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=command_environment(),
+    process = await spawn_serve(
+        address, database_url, "--health-interval", "0.2", "--shutdown-grace-seconds", "2"
     )
     try:
-        # Reconnect quickly: by default a refused channel backs off for a second or more.
-        quick_reconnect = [
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 200),
-        ]
-        async with grpc.aio.insecure_channel(address, options=quick_reconnect) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            started = time.monotonic()
-            while True:
-                assert process.returncode is None, "serve exited before serving"
-                assert time.monotonic() - started < 20.0, "serve never became SERVING"
-                try:
-                    checked = await health.Check(
-                        health_pb2.HealthCheckRequest(service="readiness"), timeout=0.5
-                    )
-                    if checked.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.1)
+        await wait_until_serving(process, address)
+        async with grpc.aio.insecure_channel(address) as channel:
             counted = await workspace_service_pb2_grpc.WorkspaceServiceStub(channel).Count(
                 workspace_service_pb2.CountRequest(
                     workspace_id=str(uuid.uuid4()), table="campaigns"

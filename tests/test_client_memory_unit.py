@@ -21,10 +21,10 @@ from uuid import UUID
 import grpc
 import grpc.aio
 import pytest
+from fake_grpc import Failure, Received, fail, received, serve
 from google.protobuf import any_pb2, struct_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 from hypothesis import given
 from hypothesis import strategies as st
 from raptorflow.data import client as rf
@@ -506,17 +506,6 @@ def test_service_config_policies_of_the_memory_service() -> None:
 
 
 @dataclass
-class _Received:
-    method: str
-    request: Any
-    metadata: dict[str, str | bytes]
-    time_remaining: float | None
-
-
-Failure = grpc.StatusCode | status_pb2.Status
-
-
-@dataclass
 class _SyncScript:
     """One Sync call: these responses, then a failure, the end, or waiting forever."""
 
@@ -525,16 +514,9 @@ class _SyncScript:
     hang: bool = False
 
 
-async def _fail(context: Any, failure: Failure) -> None:
-    if isinstance(failure, status_pb2.Status):
-        await context.abort_with_status(rpc_status.to_status(failure))
-    else:
-        await context.abort(failure, f"scripted {failure.name}")
-
-
 class _FakeMemoryService(memory_sync_service_pb2_grpc.MemorySyncServiceServicer):
     def __init__(self) -> None:
-        self.received: list[_Received] = []
+        self.received: list[Received] = []
         self.sync_scripts: list[_SyncScript] = []
         self.failures: dict[str, list[Failure]] = {}
         self.search_results: list[memory_sync_service_pb2.ScoredMemoryRecord] = []
@@ -545,16 +527,12 @@ class _FakeMemoryService(memory_sync_service_pb2_grpc.MemorySyncServiceServicer)
         self.__init__()  # type: ignore[misc]
 
     def _record(self, method: str, request: Any, context: Any) -> None:
-        self.received.append(
-            _Received(
-                method, request, dict(context.invocation_metadata()), context.time_remaining()
-            )
-        )
+        self.received.append(received(method, request, context))
 
     async def _maybe_fail(self, method: str, context: Any) -> None:
         failures = self.failures.get(method)
         if failures:
-            await _fail(context, failures.pop(0))
+            await fail(context, failures.pop(0))
 
     async def Sync(self, request: Any, context: Any) -> AsyncIterator[Any]:
         self._record("Sync", request, context)
@@ -564,7 +542,7 @@ class _FakeMemoryService(memory_sync_service_pb2_grpc.MemorySyncServiceServicer)
             for response in script.responses:
                 yield response
             if script.failure is not None:
-                await _fail(context, script.failure)
+                await fail(context, script.failure)
             if script.hang:
                 await asyncio.Event().wait()
         except asyncio.CancelledError:
@@ -623,14 +601,12 @@ class _Fake:
 @pytest.fixture(scope="module")
 async def fake_server() -> AsyncIterator[_Fake]:
     service = _FakeMemoryService()
-    server = grpc.aio.server()
-    memory_sync_service_pb2_grpc.add_MemorySyncServiceServicer_to_server(service, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield _Fake(service, f"127.0.0.1:{port}")
-    finally:
-        await server.stop(None)
+    async with serve(
+        lambda server: memory_sync_service_pb2_grpc.add_MemorySyncServiceServicer_to_server(
+            service, server
+        )
+    ) as target:
+        yield _Fake(service, target)
 
 
 @pytest.fixture

@@ -20,10 +20,10 @@ from uuid import UUID
 import grpc
 import grpc.aio
 import pytest
+from fake_grpc import Failure, Received, fail, received, serve
 from google.protobuf import any_pb2, struct_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 from raptorflow.data import client as rf
 from raptorflow.data.client import _config, _errors
 from raptorflow.data.v1 import (
@@ -657,43 +657,23 @@ def test_error_tree_is_drawn_in_the_module_docstring() -> None:
 
 
 @dataclass
-class _Received:
-    method: str
-    request: Message
-    metadata: dict[str, str | bytes]
-    time_remaining: float | None
-
-
-@dataclass
 class _Script:
     """What the fake servicer answers: failures first, then the response."""
 
-    failures: list[grpc.StatusCode | status_pb2.Status] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
     respond: Callable[[Any], Message] | None = None
 
 
 class _FakeWorkspaceService(workspace_service_pb2_grpc.WorkspaceServiceServicer):
     def __init__(self) -> None:
-        self.received: list[_Received] = []
+        self.received: list[Received] = []
         self.scripts: dict[str, _Script] = {}
 
     async def _handle(self, method: str, request: Any, context: Any) -> Any:
-        self.received.append(
-            _Received(
-                method,
-                request,
-                dict(context.invocation_metadata()),
-                context.time_remaining(),
-            )
-        )
+        self.received.append(received(method, request, context))
         script = self.scripts.get(method, _Script())
         if script.failures:
-            failure = script.failures.pop(0)
-            # Both raise, ending the call with that status.
-            if isinstance(failure, status_pb2.Status):
-                await context.abort_with_status(rpc_status.to_status(failure))
-            else:
-                await context.abort(failure, f"scripted {failure.name}")
+            await fail(context, script.failures.pop(0))
         assert script.respond is not None, f"no response scripted for {method}"
         return script.respond(request)
 
@@ -731,14 +711,12 @@ class _Fake:
 @pytest.fixture(scope="module")
 async def fake_server() -> AsyncIterator[_Fake]:
     service = _FakeWorkspaceService()
-    server = grpc.aio.server()
-    workspace_service_pb2_grpc.add_WorkspaceServiceServicer_to_server(service, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield _Fake(service, f"127.0.0.1:{port}")
-    finally:
-        await server.stop(None)
+    async with serve(
+        lambda server: workspace_service_pb2_grpc.add_WorkspaceServiceServicer_to_server(
+            service, server
+        )
+    ) as target:
+        yield _Fake(service, target)
 
 
 @pytest.fixture
@@ -797,8 +775,8 @@ async def test_no_deadline_when_timeout_is_none(fake: _Fake) -> None:
     async with rf.DataClient(_config_for(fake, timeout=None)) as client:
         assert await client.workspace(WS).table("t").count().execute() == 42
         await client.workspace(WS).table("t").count().execute(timeout=None)
-    for received in fake.service.received:
-        assert received.time_remaining is None
+    for call in fake.service.received:
+        assert call.time_remaining is None
 
 
 async def test_pages_and_stream_follow_page_tokens(fake: _Fake) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 
@@ -19,20 +18,12 @@ import asyncpg
 import grpc
 import pytest
 from conftest import start_server
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from job_helpers import (
-    analyze,
-    command_environment,
-    create_lock_table,
-    free_port,
-    locked,
-    next_job,
-    rest_of,
-)
+from job_helpers import analyze, create_lock_table, locked, next_job, rest_of
 from pg_activity import wait_for_lock_waits
 from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
 from raptorflow.data.v1 import job_pb2, maintenance_service_pb2, maintenance_service_pb2_grpc
+from server_process import free_port, spawn_serve, wait_until_serving
 
 pb = maintenance_service_pb2
 Stub = maintenance_service_pb2_grpc.MaintenanceServiceStub
@@ -48,14 +39,8 @@ async def serve_process(
     """A `serve` subprocess with a short job lease, SERVING; killed at the end if still alive."""
     await create_lock_table(db, LEASE_TABLE)
     address = f"127.0.0.1:{free_port()}"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "raptorflow.data.server",
-        "serve",
-        "--listen",
+    process = await spawn_serve(
         address,
-        "--database-url",
         database_url,
         "--job-lease-seconds",
         str(LEASE_SECONDS),
@@ -64,30 +49,9 @@ async def serve_process(
         "--log-level",
         "WARNING",
         stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env=command_environment(),
     )
     try:
-        quick_reconnect = [
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 200),
-        ]
-        async with grpc.aio.insecure_channel(address, options=quick_reconnect) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            started = time.monotonic()
-            while True:
-                assert process.returncode is None, "serve exited before serving"
-                assert time.monotonic() - started < 20.0, "serve never became SERVING"
-                try:
-                    checked = await health.Check(
-                        health_pb2.HealthCheckRequest(service="readiness"), timeout=0.5
-                    )
-                    if checked.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.1)
+        await wait_until_serving(process, address)
         yield process, address
     finally:
         if process.returncode is None:

@@ -13,6 +13,7 @@ import datetime
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import asyncpg
 import pytest
@@ -50,14 +51,29 @@ async def ended(jobs: Jobs, job_id: str, within: float = 10.0) -> job_pb2.Job:
     return await until(jobs, job_id, lambda job: job.state in FINAL_STATES, within)
 
 
+async def submitted(jobs: Jobs, spec: job_pb2.JobSpec, **claim: Any) -> job_pb2.Job:
+    """The job `jobs.submit` created (it returns None only for a period already claimed)."""
+    job = await jobs.submit(spec, **claim)
+    assert job is not None
+    return job
+
+
+async def expire_lease(db: asyncpg.Connection, job_id: str) -> None:
+    """Makes the job's lease run out now, so the next sweep of any replica fails it."""
+    await db.execute(
+        "UPDATE raptorflow_data.jobs SET lease_expires_at = now() - interval '1 second'"
+        " WHERE id = $1",
+        uuid.UUID(job_id),
+    )
+
+
 async def test_progress_is_coalesced_and_streamed(
     server: RunningServer, settings: Settings
 ) -> None:
     executor = ScriptedExecutor()
     async with job_runtime(settings, executor) as jobs:
         started = time.monotonic()
-        job = await jobs.submit(scripted("progress 5000 25"))
-        assert job is not None
+        job = await submitted(jobs, scripted("progress 5000 25"))
         seen = [j async for j in jobs.watch(job.job_id)]
         elapsed = time.monotonic() - started
     final = seen[-1]
@@ -86,8 +102,7 @@ async def test_failures_keep_a_defined_error(
     server: RunningServer, settings: Settings, command: str, code: str, reason: str
 ) -> None:
     async with job_runtime(settings) as jobs:
-        job = await jobs.submit(scripted(command))
-        assert job is not None
+        job = await submitted(jobs, scripted(command))
         final = await ended(jobs, job.job_id)
     assert final.state == FAILED
     assert (final.error.code, final.error.reason) == (code, reason)
@@ -120,8 +135,7 @@ async def test_a_renewed_lease_outlives_its_length(
     server: RunningServer, settings: Settings
 ) -> None:
     async with job_runtime(settings, job_lease_seconds=1.0) as jobs:
-        job = await jobs.submit(scripted("sleep 2.5"))
-        assert job is not None
+        job = await submitted(jobs, scripted("sleep 2.5"))
         # The runtime's own sweeper runs every 0.5 s meanwhile; nothing expires.
         final = await ended(jobs, job.job_id)
     assert final.state == SUCCEEDED
@@ -132,15 +146,10 @@ async def test_a_job_whose_lease_was_taken_stops_and_stays_failed(
 ) -> None:
     executor = ScriptedExecutor()
     async with job_runtime(settings, executor) as jobs:
-        job = await jobs.submit(scripted("block"))
-        assert job is not None
+        job = await submitted(jobs, scripted("block"))
         await until(jobs, job.job_id, in_state(RUNNING))
         # As if this replica had been cut off for a whole lease: another replica expires it.
-        await db.execute(
-            "UPDATE raptorflow_data.jobs SET lease_expires_at = now() - interval '1 second'"
-            " WHERE id = $1",
-            uuid.UUID(job.job_id),
-        )
+        await expire_lease(db, job.job_id)
         await server.maintenance.jobs.sweep()
         failed = await until(jobs, job.job_id, in_state(FAILED))
         # The runner hears of it (NOTIFY) and cancels the job's task.
@@ -190,8 +199,7 @@ async def test_watch_survives_a_lost_listen_connection(
 ) -> None:
     executor = ScriptedExecutor()
     async with job_runtime(settings, executor) as jobs:
-        job = await jobs.submit(scripted("block"))
-        assert job is not None
+        job = await submitted(jobs, scripted("block"))
         watch = jobs.watch(job.job_id)
         try:
             while (await anext(watch)).progress.phase != "blocked":
@@ -220,12 +228,10 @@ async def test_sweep_prunes_finished_history_but_keeps_each_schedules_latest_cla
     async with job_runtime(settings, job_history_seconds=0.5) as jobs:
         ids = []
         for period in periods:
-            job = await jobs.submit(scripted("succeed"), schedule=name, period_start=period)
-            assert job is not None
+            job = await submitted(jobs, scripted("succeed"), schedule=name, period_start=period)
             ids.append(job.job_id)
             await ended(jobs, job.job_id)
-        blocked = await jobs.submit(scripted("sleep 3"))
-        assert blocked is not None
+        blocked = await submitted(jobs, scripted("sleep 3"))
         await asyncio.sleep(0.6)
         await jobs.sweep(prune=True)
         remaining = await db.fetch(
@@ -248,13 +254,10 @@ async def test_each_end_is_reported_once_to_the_end_hook(
         recorded: list[tuple[str, int]] = []
         jobs.on_end = lambda kind, state: recorded.append((kind, state))
         for command in ("succeed", "fail"):
-            job = await jobs.submit(scripted(command))
-            assert job is not None
+            job = await submitted(jobs, scripted(command))
             await ended(jobs, job.job_id)
-        blocked = await jobs.submit(scripted("block"))
-        queued = await jobs.submit(scripted("succeed"))
-        assert blocked is not None
-        assert queued is not None
+        blocked = await submitted(jobs, scripted("block"))
+        queued = await submitted(jobs, scripted("succeed"))
         await until(jobs, blocked.job_id, in_state(RUNNING))
         await jobs.cancel(queued.job_id)
         await jobs.cancel(queued.job_id)  # already ended: not counted again
@@ -269,16 +272,11 @@ async def test_each_end_is_reported_once_to_the_end_hook(
         # A lease that ran out is counted by the replica that swept it, not by the runner.
         recorded.clear()
         swept: list[tuple[str, int]] = []
-        lost = await jobs.submit(scripted("block"))
-        assert lost is not None
+        lost = await submitted(jobs, scripted("block"))
         await until(jobs, lost.job_id, in_state(RUNNING))
         async with job_runtime(settings) as sweeper:
             sweeper.on_end = lambda kind, state: swept.append((kind, state))
-            await db.execute(
-                "UPDATE raptorflow_data.jobs SET lease_expires_at = now() - interval '1 second'"
-                " WHERE id = $1",
-                uuid.UUID(lost.job_id),
-            )
+            await expire_lease(db, lost.job_id)
             await sweeper.sweep()
         await ended(jobs, lost.job_id)
         async with asyncio.timeout(5.0):
@@ -298,8 +296,7 @@ async def test_jobs_and_background_work_outlive_a_database_outage(
             settings, database_url=proxy.database_url(database_url), job_lease_seconds=3.0
         ) as jobs,
     ):
-        job = await jobs.submit(scripted("sleep 2"))
-        assert job is not None
+        job = await submitted(jobs, scripted("sleep 2"))
         await until(jobs, job.job_id, in_state(RUNNING))
         # Every connection of the runtime (job pool, LISTEN) goes for over a second,
         # during which renewals, sweeps and the job's end all meet a dead database.
@@ -309,6 +306,5 @@ async def test_jobs_and_background_work_outlive_a_database_outage(
         final = await ended(server.maintenance.jobs, job.job_id)
         assert final.state == SUCCEEDED
         assert final.replica == jobs.replica_id
-        after = await jobs.submit(scripted("succeed"))
-        assert after is not None
+        after = await submitted(jobs, scripted("succeed"))
         assert (await ended(jobs, after.job_id)).state == SUCCEEDED

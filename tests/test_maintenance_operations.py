@@ -17,12 +17,14 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 import asyncpg
 import grpc
 import pytest
+from asyncpg.transaction import Transaction
 from conftest import start_server
+from job_helpers import RecordingProgress
+from pg_activity import wait_for_statement_lock_wait
 from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
 from raptorflow.data.server.db.connections import Database
@@ -58,16 +60,6 @@ WHERE i.indrelid = $1::regclass ORDER BY c.relname
 """
 
 
-class RecordingProgress:
-    """A Progress that keeps every report, in order."""
-
-    def __init__(self) -> None:
-        self.reports: list[tuple[str, int, int, int]] = []
-
-    async def report(self, phase: str, *, done: int = 0, total: int = 0, unit: Any = 0) -> None:
-        self.reports.append((phase, done, total, int(unit)))
-
-
 @pytest.fixture(scope="module")
 async def tables(database_url: str) -> AsyncIterator[None]:
     """The module's exposed tables, created before its server starts and dropped after."""
@@ -99,11 +91,6 @@ async def server(settings: Settings, tables: None) -> AsyncIterator[RunningServe
         yield running
     finally:
         await running.stop(grace=1.0)
-
-
-@pytest.fixture(scope="module")
-def maintenance(channel: grpc.aio.Channel) -> maintenance_service_pb2_grpc.MaintenanceServiceStub:
-    return maintenance_service_pb2_grpc.MaintenanceServiceStub(channel)
 
 
 @pytest.fixture
@@ -151,22 +138,6 @@ async def wait_for_dead_rows(db: asyncpg.Connection, table: str, at_least: int) 
             return dead
         assert time.monotonic() - started < 10, f"n_dead_tup of {table} stayed at {dead}"
         await asyncio.sleep(0.05)
-
-
-async def wait_for_lock_wait(db: asyncpg.Connection, statement: str, within: float = 10.0) -> None:
-    """Waits until a backend running `statement` waits for a lock."""
-    started = time.monotonic()
-    while True:
-        await db.execute(CLEAR_SNAPSHOT)
-        waiting = await db.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock' AND query LIKE $1",
-            statement + "%",
-        )
-        if waiting:
-            return
-        assert time.monotonic() - started < within, f"{statement} never waited for a lock"
-        await asyncio.sleep(0.02)
 
 
 def spec_of(kind: str, names: list[str]) -> job_pb2.JobSpec:
@@ -285,12 +256,13 @@ async def test_reindex_rebuilds_every_index_and_reports_sizes(
     assert {r["oid"] for r in after}.isdisjoint({r["oid"] for r in before})
 
 
-async def test_reindex_runs_concurrently_with_writes(
+@contextlib.asynccontextmanager
+async def reindex_behind_a_writer(
     operations: Operations, db: asyncpg.Connection, database_url: str
-) -> None:
-    """While REINDEX waits for an open writing transaction, that transaction keeps writing;
-    a plain REINDEX would have locked the writes out."""
-    await fill(database_url, REINDEXED, 200)
+) -> AsyncIterator[tuple[asyncpg.Connection, Transaction, asyncio.Task[job_pb2.JobResult]]]:
+    """A writer whose open transaction has inserted into REINDEXED, and a REINDEX job started
+    after it, now waiting for that transaction: yields the writer, its transaction and the job.
+    The writer closes at the end."""
     writer = await asyncpg.connect(database_url)
     try:
         transaction = writer.transaction()
@@ -301,7 +273,19 @@ async def test_reindex_runs_concurrently_with_writes(
         job = asyncio.create_task(
             operations.run(spec_of("reindex", [REINDEXED]), RecordingProgress())
         )
-        await wait_for_lock_wait(db, "REINDEX TABLE CONCURRENTLY")
+        await wait_for_statement_lock_wait(db, "REINDEX TABLE CONCURRENTLY")
+        yield writer, transaction, job
+    finally:
+        await writer.close()
+
+
+async def test_reindex_runs_concurrently_with_writes(
+    operations: Operations, db: asyncpg.Connection, database_url: str
+) -> None:
+    """While REINDEX waits for an open writing transaction, that transaction keeps writing;
+    a plain REINDEX would have locked the writes out."""
+    await fill(database_url, REINDEXED, 200)
+    async with reindex_behind_a_writer(operations, db, database_url) as (writer, transaction, job):
         async with asyncio.timeout(5):
             await writer.execute(
                 f"INSERT INTO {REINDEXED} (workspace_id, n) VALUES ($1, 2)", uuid.uuid4()
@@ -309,8 +293,6 @@ async def test_reindex_runs_concurrently_with_writes(
         assert not job.done()
         await transaction.commit()
         result = await asyncio.wait_for(job, 20)
-    finally:
-        await writer.close()
     assert result.tables[0].action == "REINDEX TABLE CONCURRENTLY"
     assert all(r["valid"] for r in await db.fetch(INDEXES, REINDEXED))
     assert await db.fetchval(f"SELECT count(*) FROM {REINDEXED}") == 202
@@ -321,17 +303,7 @@ async def test_cancelled_reindex_leaves_no_invalid_index(
 ) -> None:
     await fill(database_url, REINDEXED, 200)
     before = await db.fetch(INDEXES, REINDEXED)
-    writer = await asyncpg.connect(database_url)
-    try:
-        transaction = writer.transaction()
-        await transaction.start()
-        await writer.execute(
-            f"INSERT INTO {REINDEXED} (workspace_id, n) VALUES ($1, 1)", uuid.uuid4()
-        )
-        job = asyncio.create_task(
-            operations.run(spec_of("reindex", [REINDEXED]), RecordingProgress())
-        )
-        await wait_for_lock_wait(db, "REINDEX TABLE CONCURRENTLY")
+    async with reindex_behind_a_writer(operations, db, database_url) as (_, transaction, job):
         # The half-built copies exist now (invalid, named *_ccnew).
         assert len(await db.fetch(INDEXES, REINDEXED)) > len(before)
         job.cancel()
@@ -340,8 +312,6 @@ async def test_cancelled_reindex_leaves_no_invalid_index(
         await transaction.rollback()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(job, 20)
-    finally:
-        await writer.close()
     after = await db.fetch(INDEXES, REINDEXED)
     assert [(r["name"], r["oid"]) for r in after] == [(r["name"], r["oid"]) for r in before]
     assert all(r["valid"] for r in after)

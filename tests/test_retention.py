@@ -12,7 +12,6 @@ import asyncio
 import dataclasses
 import datetime
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +21,8 @@ import asyncpg
 import grpc
 import pytest
 from conftest import start_server
+from job_helpers import RecordingProgress
+from pg_activity import wait_for_statement_lock_wait
 from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
 from raptorflow.data.server.errors import Code, ServiceError
@@ -73,16 +74,6 @@ CREATE TABLE {PARTED}_b PARTITION OF {PARTED} FOR VALUES IN ('b');
 """
 
 
-class RecordingProgress:
-    """A Progress that keeps every report, in order."""
-
-    def __init__(self) -> None:
-        self.reports: list[tuple[str, int, int, int]] = []
-
-    async def report(self, phase: str, *, done: int = 0, total: int = 0, unit: Any = 0) -> None:
-        self.reports.append((phase, done, total, int(unit)))
-
-
 @pytest.fixture(scope="module")
 async def tables(database_url: str) -> AsyncIterator[None]:
     conn = await asyncpg.connect(database_url)
@@ -103,11 +94,6 @@ async def server(settings: Settings, tables: None) -> AsyncIterator[RunningServe
         yield running
     finally:
         await running.stop(grace=1.0)
-
-
-@pytest.fixture(scope="module")
-def maintenance(channel: grpc.aio.Channel) -> maintenance_service_pb2_grpc.MaintenanceServiceStub:
-    return maintenance_service_pb2_grpc.MaintenanceServiceStub(channel)
 
 
 def operations_with(server: RunningServer, rules: list[dict[str, Any]]) -> Operations:
@@ -394,7 +380,7 @@ async def test_cancelled_cleanup_keeps_finished_batches_only(
         # The third batch reaches this row and waits for the lock.
         await locker.execute(f"SELECT 1 FROM {BLOCKED} WHERE id = $1 FOR UPDATE", last_old)
         job = asyncio.create_task(operations.run(cleanup(BLOCKED), progress))
-        await wait_for_lock_wait(db, f'DELETE FROM "public"."{BLOCKED}"')
+        await wait_for_statement_lock_wait(db, f'DELETE FROM "public"."{BLOCKED}"')
         job.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(job, 10)
@@ -409,21 +395,6 @@ async def test_cancelled_cleanup_keeps_finished_batches_only(
     assert await db.fetchval(f"SELECT count(*) FROM {BLOCKED}") == 510
     pool = server.database.owner_pool
     assert pool.get_idle_size() == pool.get_size()
-
-
-async def wait_for_lock_wait(db: asyncpg.Connection, statement: str, within: float = 10.0) -> None:
-    started = time.monotonic()
-    while True:
-        await db.execute("SELECT pg_stat_clear_snapshot()")
-        waiting = await db.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock' AND query LIKE $1",
-            statement + "%",
-        )
-        if waiting:
-            return
-        assert time.monotonic() - started < within, f"{statement} never waited for a lock"
-        await asyncio.sleep(0.02)
 
 
 # -- through MaintenanceService -------------------------------------------------------

@@ -8,7 +8,6 @@ import asyncio
 import dataclasses
 import datetime
 import json
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -19,13 +18,7 @@ import asyncpg
 import grpc
 import pytest
 from conftest import start_server
-from job_helpers import (
-    FINAL_STATES,
-    ScriptedExecutor,
-    command_environment,
-    free_port,
-    job_runtime,
-)
+from job_helpers import FINAL_STATES, ScriptedExecutor, job_runtime
 from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
 from raptorflow.data.server.db.connections import Database
@@ -33,6 +26,7 @@ from raptorflow.data.server.maintenance.jobs import Jobs
 from raptorflow.data.server.maintenance.schedule_config import ScheduleConfig, load_schedules
 from raptorflow.data.server.maintenance.schedules import Scheduler
 from raptorflow.data.v1 import job_pb2, maintenance_service_pb2, maintenance_service_pb2_grpc
+from server_process import free_port, spawn_serve
 
 pb = maintenance_service_pb2
 Stub = maintenance_service_pb2_grpc.MaintenanceServiceStub
@@ -182,20 +176,11 @@ def test_schedules_from_a_file(tmp_path: Path) -> None:
 
 
 async def test_serve_exits_with_the_reason_for_bad_schedules(database_url: str) -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "raptorflow.data.server",
-        "serve",
-        "--listen",
+    process = await spawn_serve(
         f"127.0.0.1:{free_port()}",
-        "--database-url",
         database_url,
         "--schedules",
         schedules_json(entry("x", ANALYZE, cron="every day")),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=command_environment(),
     )
     async with asyncio.timeout(20.0):
         _, stderr = await process.communicate()

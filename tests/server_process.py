@@ -1,0 +1,77 @@
+"""The `raptorflow-data serve` command as a subprocess of a test: spawned with only its
+flags for settings, on a free port, and waited for until its readiness is SERVING."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+# `python -m raptorflow.data.server` is the same entry point as the installed script.
+COMMAND = (sys.executable, "-m", "raptorflow.data.server")
+# Reconnect quickly: by default a refused channel backs off for a second or more.
+QUICK_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 200),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def command_environment() -> dict[str, str]:
+    """The test's environment without settings, so only the flags given count."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if key != "DATABASE_URL" and not key.startswith("RAPTORFLOW_")
+    }
+
+
+async def spawn_serve(
+    address: str, database_url: str, *flags: str, stdout: int = asyncio.subprocess.PIPE
+) -> asyncio.subprocess.Process:
+    """`serve --listen address --database-url database_url *flags`, stderr piped."""
+    return await asyncio.create_subprocess_exec(
+        *COMMAND,
+        "serve",
+        "--listen",
+        address,
+        "--database-url",
+        database_url,
+        *flags,
+        stdout=stdout,
+        stderr=asyncio.subprocess.PIPE,
+        env=command_environment(),
+    )
+
+
+async def wait_until_serving(
+    process: asyncio.subprocess.Process, address: str, within: float = 20.0
+) -> None:
+    """Polls the readiness health check until SERVING; fails if the process exits first."""
+    async with grpc.aio.insecure_channel(address, options=QUICK_RECONNECT) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        started = time.monotonic()
+        while True:
+            assert process.returncode is None, "serve exited before serving"
+            assert time.monotonic() - started < within, "serve never became SERVING"
+            try:
+                checked = await health.Check(
+                    health_pb2.HealthCheckRequest(service="readiness"), timeout=0.5
+                )
+                if checked.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.1)
