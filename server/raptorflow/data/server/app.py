@@ -250,29 +250,34 @@ async def start(settings: Settings) -> RunningServer:
         raise
     monitoring = Monitoring(settings, database, replica_id, maintenance.scheduler.list)
     maintenance.jobs.on_end = monitoring.record_job
+    server: grpc.aio.Server | None = None
     try:
         await memory_store.prepare()
         await sync_streams.start()
         await monitoring.start()
         await maintenance.jobs.start()
+        server = build_server(
+            settings,
+            database,
+            catalog,
+            health,
+            sync_streams,
+            memory_store,
+            maintenance,
+            monitoring,
+        )
+        # Inside the try: a port already taken must not leave the job runner, the
+        # watchdog and the metrics endpoint (with its port) running behind the error.
+        port = server.add_insecure_port(settings.listen)
+        await server.start()
     except BaseException:
+        if server is not None:
+            await server.stop(None)
         await maintenance.jobs.close()
         await monitoring.close()
         await sync_streams.close()
         await database.close()
         raise
-    server = build_server(
-        settings,
-        database,
-        catalog,
-        health,
-        sync_streams,
-        memory_store,
-        maintenance,
-        monitoring,
-    )
-    port = server.add_insecure_port(settings.listen)
-    await server.start()
     running = RunningServer(
         settings,
         server,

@@ -14,6 +14,7 @@ import itertools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -226,6 +227,18 @@ def add_arguments(parser: argparse.ArgumentParser, names: Sequence[str] | None =
             metavar=setting.env,
             help=f"{helps.get(setting.name, '')} [env {setting.env}]",
         )
+
+
+def setting_document(value: str) -> str:
+    """The text of a JSON-valued setting (schedules, retention rules): the value itself,
+    or the content of the UTF-8 file that a value of the form '@path' names.
+
+    Raises OSError or UnicodeDecodeError when that file cannot be read.
+    """
+    text = value.strip()
+    if not text.startswith("@"):
+        return text
+    return Path(text[1:]).read_text(encoding="utf-8")
 
 
 def load(

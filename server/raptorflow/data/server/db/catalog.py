@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 from raptorflow.data.server.db.connections import Connection
-from raptorflow.data.server.errors import invalid_argument
+from raptorflow.data.server.errors import ServiceError, invalid_argument
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +271,12 @@ async def load_catalog(conn: Connection, schema: str, only: Iterable[str] = ()) 
     return Catalog(tables)
 
 
+def named_twice(field_path: str, name: str) -> ServiceError:
+    return invalid_argument(
+        field_path, f"table {name!r} is named more than once", reason="DUPLICATE_TABLE"
+    )
+
+
 class CatalogCache:
     """The current catalog, reloaded on a timer and (throttled) on an unknown table name."""
 
@@ -301,6 +307,26 @@ class CatalogCache:
         if name and time.monotonic() - self._loaded_at >= self._min_reload_interval:
             await self.reload()
         return self._catalog.table(name, field_path)
+
+    async def tables(
+        self, names: Iterable[str], field_path: str, errors: list[ServiceError]
+    ) -> list[Table]:
+        """The exposed tables `names` lists, in order. Each unknown or repeated name adds
+        its INVALID_ARGUMENT (at `field_path[index]`) to `errors` instead, so a caller
+        reports every bad field at once."""
+        tables: list[Table] = []
+        seen: set[str] = set()
+        for index, name in enumerate(names):
+            path = f"{field_path}[{index}]"
+            if name in seen:
+                errors.append(named_twice(path, name))
+                continue
+            seen.add(name)
+            try:
+                tables.append(await self.table(name, path))
+            except ServiceError as error:
+                errors.append(error)
+        return tables
 
     async def refresh_forever(self, interval: float) -> None:
         """Reloads every `interval` seconds; a failed reload keeps the last good catalog."""

@@ -269,6 +269,8 @@ class Database:
                     min_size=1,
                     max_size=JOB_POOL_MAX_SIZE,
                     reset=_no_reset,
+                    # Every statement of the job runner, bounded on the client side too.
+                    command_timeout=self._settings.statement_timeout,
                     **self._connect_kwargs(as_app_role=False),
                 )
 

@@ -29,17 +29,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from raptorflow.data.server.config import Settings
-from raptorflow.data.server.db.catalog import CatalogCache, Table
+from raptorflow.data.server.db.catalog import CatalogCache
 from raptorflow.data.server.db.connections import Connection, Database, Deadline
 from raptorflow.data.server.db.values import parse_uuid
-from raptorflow.data.server.errors import Code, ServiceError, combine, invalid_argument
+from raptorflow.data.server.errors import Code, ServiceError, combine
 from raptorflow.data.server.maintenance import backup_file, backup_stream, backup_tables
 from raptorflow.data.server.maintenance.backup_stream import FORMAT_VERSION, Incoming, malformed
 from raptorflow.data.server.maintenance.backup_tables import CopyShape, Scope
@@ -143,14 +144,14 @@ class Backups:
 
     async def check_backup_file(self, spec: job_pb2.BackupToFileJob, field_path: str) -> None:
         """Raises ServiceError if the job could not run (bad scope, path outside the directory)."""
-        path = backup_file.resolve(self._settings.backup_dir, spec.path, f"{field_path}.path")
+        path = await backup_file.locate(self._settings.backup_dir, spec.path, f"{field_path}.path")
         await self.resolve_scope(spec.scope, f"{field_path}.scope")
-        if path.file.exists():
+        if await backup_file.exists(path):
             raise backup_file.already_exists(path, f"{field_path}.path")
 
     async def check_restore_file(self, spec: job_pb2.RestoreFromFileJob, field_path: str) -> None:
         """Raises ServiceError if the job could not run (path outside the directory, no file)."""
-        path = backup_file.resolve(self._settings.backup_dir, spec.path, f"{field_path}.path")
+        path = await backup_file.locate(self._settings.backup_dir, spec.path, f"{field_path}.path")
         reader = backup_file.BackupReader(path, f"{field_path}.path")
         try:
             # The header only: enough to refuse a file that is no backup, or one of tables
@@ -169,12 +170,14 @@ class Backups:
         The result's backup_bytes and backup_sha256 are the file's size and SHA-256.
         """
         field_path = "spec.backup_to_file"
-        path = backup_file.resolve(self._settings.backup_dir, spec.path, f"{field_path}.path")
+        path = await backup_file.locate(self._settings.backup_dir, spec.path, f"{field_path}.path")
         scope = await self.resolve_scope(spec.scope, f"{field_path}.scope")
         writer = backup_file.BackupWriter(path, f"{field_path}.path")
         report = backup_stream.Report(progress, lambda: (writer.bytes, 0))
-        await writer.open()
         try:
+            # Inside: a failed first write (the magic line) must still close and remove
+            # the temporary file that open() created.
+            await writer.open()
             budget = self._settings.backup_timeout
             async for message in self._export(
                 scope, backup_stream.DEFAULT_CHUNK_BYTES, budget, None, report
@@ -197,7 +200,7 @@ class Backups:
     ) -> job_pb2.JobResult:
         """Restores a backup file through the same checks and transaction as RestoreBackup."""
         field_path = "spec.restore_from_file.path"
-        path = backup_file.resolve(self._settings.backup_dir, spec.path, field_path)
+        path = await backup_file.locate(self._settings.backup_dir, spec.path, field_path)
         reader = backup_file.BackupReader(path, field_path)
         report = backup_stream.Report(progress, lambda: (reader.bytes, reader.size))
         budget = self._settings.backup_timeout
@@ -231,7 +234,7 @@ class Backups:
                 workspace = parse_uuid(scope.workspace_id, f"{field_path}.workspace_id")
             except ServiceError as error:
                 errors.append(error)
-        tables = await self._tables(scope.tables, f"{field_path}.tables", errors)
+        tables = await self._catalog.tables(scope.tables, f"{field_path}.tables", errors)
         combined = combine(errors)
         if combined is not None:
             raise combined
@@ -243,25 +246,6 @@ class Backups:
                 Code.FAILED_PRECONDITION, "NO_EXPOSED_TABLES", "this server exposes no tables"
             )
         return Scope(workspace, tuple(tables))
-
-    async def _tables(
-        self, names: Iterable[str], field_path: str, errors: list[ServiceError]
-    ) -> list[Table]:
-        tables: list[Table] = []
-        seen: set[str] = set()
-        for index, name in enumerate(names):
-            path = f"{field_path}[{index}]"
-            if name in seen:
-                errors.append(
-                    invalid_argument(path, f"table {name!r} is listed twice", reason="REPEATED")
-                )
-                continue
-            seen.add(name)
-            try:
-                tables.append(await self._catalog.table(name, path))
-            except ServiceError as error:
-                errors.append(error)
-        return tables
 
     async def _header_scope(self, header: pb.BackupHeader) -> Scope:
         """The scope a backup's header declares, checked against this server's tables."""
@@ -284,7 +268,7 @@ class Backups:
                 )
         errors: list[ServiceError] = []
         names = [t.name for t in header.tables]
-        tables = await self._tables(names, "header.tables", errors)
+        tables = await self._catalog.tables(names, "header.tables", errors)
         combined = combine(errors)
         if combined is not None:
             raise combined
@@ -325,9 +309,8 @@ class Backups:
         queue: asyncio.Queue[pb.ExportBackupResponse | backup_stream.Ended] = asyncio.Queue(
             _QUEUED_MESSAGES
         )
-        producer = asyncio.create_task(
-            self._produce(scope, chunk_bytes, budget, wait, queue, report), name="backup-export"
-        )
+        copy = functools.partial(self._copy_out, scope, chunk_bytes, budget, wait, queue, report)
+        producer = asyncio.create_task(self._produce(copy, budget, queue), name="backup-export")
         self._tasks.add(producer)
         producer.add_done_callback(self._tasks.discard)
         try:
@@ -345,19 +328,17 @@ class Backups:
                 producer.cancel()
                 await asyncio.wait([producer])
 
+    @staticmethod
     async def _produce(
-        self,
-        scope: Scope,
-        chunk_bytes: int,
+        copy: Callable[[], Awaitable[None]],
         budget: float,
-        wait: float | None,
         queue: asyncio.Queue[pb.ExportBackupResponse | backup_stream.Ended],
-        report: backup_stream.Report,
     ) -> None:
+        """Runs the export's COPY (`copy` queues its messages), then queues how it ended."""
         ended = backup_stream.Ended()
         try:
             async with asyncio.timeout(budget):
-                await self._copy_out(scope, chunk_bytes, budget, wait, queue, report)
+                await copy()
         except TimeoutError:
             ended = backup_stream.Ended(_timed_out(budget))
         except Exception as error:  # handed to the reader, which raises it

@@ -96,21 +96,35 @@ def resolve(backup_dir: str, path: str, field_path: str) -> BackupPath:
     return BackupPath(base, file, relative.as_posix())
 
 
+async def locate(backup_dir: str, path: str, field_path: str) -> BackupPath:
+    """`resolve`, off the event loop: following symlinks reads the file system."""
+    return await asyncio.to_thread(resolve, backup_dir, path, field_path)
+
+
+async def exists(path: BackupPath) -> bool:
+    """Whether the file exists (off the event loop); ServiceError if that cannot be told."""
+    return await _in_thread(path, path.file.exists)
+
+
+def _about_file(code: Code, reason: str, path: BackupPath, message: str) -> ServiceError:
+    return ServiceError(code, reason, message, metadata={"path": path.relative[:200]})
+
+
 def already_exists(path: BackupPath, field_path: str) -> ServiceError:
-    return ServiceError(
+    return _about_file(
         Code.ALREADY_EXISTS,
         "BACKUP_FILE_EXISTS",
+        path,
         f"{field_path}: {path.relative!r} already exists",
-        metadata={"path": path.relative[:200]},
     )
 
 
 def not_found(path: BackupPath, field_path: str) -> ServiceError:
-    return ServiceError(
+    return _about_file(
         Code.NOT_FOUND,
         "BACKUP_FILE_NOT_FOUND",
+        path,
         f"{field_path}: no backup file {path.relative!r}",
-        metadata={"path": path.relative[:200]},
     )
 
 
@@ -129,11 +143,11 @@ def file_error(path: BackupPath, error: OSError) -> ServiceError:
             "BACKUP_DIR_FULL",
             f"no space left in the backup directory for {path.relative!r}",
         )
-    return ServiceError(
+    return _about_file(
         Code.FAILED_PRECONDITION,
         "BACKUP_FILE_ERROR",
+        path,
         f"{path.relative!r}: {error.strerror or type(error).__name__}",
-        metadata={"path": path.relative[:200]},
     )
 
 

@@ -28,7 +28,9 @@ queued, FAILED (UNAVAILABLE, SERVER_STOPPING): nobody asked for them to stop,
 so the schedules' success rates count them as failures.
 
 All bookkeeping runs on the owner's job pool (`Database.job_pool`), never on
-the owner pool that the jobs themselves hold for as long as they run.
+the owner pool that the jobs themselves hold for as long as they run. That
+pool's statements time out client-side after `statement_timeout` (asyncpg's
+`command_timeout`), so none of them needs its own timeout argument.
 """
 
 from __future__ import annotations
@@ -288,7 +290,7 @@ class Jobs:
         """The job; NOT_FOUND if no job has the id."""
         key = parse_uuid(job_id, "job_id")
         async with self._connection() as conn:
-            row = await conn.fetchrow(sql.GET_JOB, key, timeout=self._settings.statement_timeout)
+            row = await conn.fetchrow(sql.GET_JOB, key)
         if row is None:
             raise _not_found(str(key))
         return sql.job_from_row(row)
@@ -314,7 +316,6 @@ class Jobs:
                 request.schedule,
                 *after,
                 page_size + 1,
-                timeout=self._settings.statement_timeout,
             )
         response = maintenance_service_pb2.ListJobsResponse(
             jobs=[sql.job_from_row(row) for row in rows[:page_size]]
@@ -358,13 +359,11 @@ class Jobs:
         """Records the cancellation (a queued job ends at once); an ended job is unchanged."""
         key = parse_uuid(job_id, "job_id")
         async with self._connection() as conn:
-            row = await conn.fetchrow(sql.CANCEL_JOB, key, timeout=self._settings.statement_timeout)
+            row = await conn.fetchrow(sql.CANCEL_JOB, key)
             # Only a job that was queued comes back from CANCEL_JOB already CANCELLED.
             ended_here = row is not None and row["state"] == "CANCELLED"
             if row is None:
-                row = await conn.fetchrow(
-                    sql.GET_JOB, key, timeout=self._settings.statement_timeout
-                )
+                row = await conn.fetchrow(sql.GET_JOB, key)
         if row is None:
             raise _not_found(str(key))
         job = sql.job_from_row(row)
@@ -379,12 +378,8 @@ class Jobs:
     async def schedule_history(self, names: Sequence[str]) -> dict[str, ScheduleHistory]:
         """Finished and successful runs and the latest job of each named schedule."""
         async with self._connection() as conn:
-            counts = await conn.fetch(
-                sql.SCHEDULE_COUNTS, list(names), timeout=self._settings.statement_timeout
-            )
-            latest = await conn.fetch(
-                sql.LATEST_SCHEDULED_JOBS, list(names), timeout=self._settings.statement_timeout
-            )
+            counts = await conn.fetch(sql.SCHEDULE_COUNTS, list(names))
+            latest = await conn.fetch(sql.LATEST_SCHEDULED_JOBS, list(names))
         last_jobs = {row["schedule"]: sql.job_from_row(row) for row in latest}
         by_name = {row["schedule"]: row for row in counts}
         history = {}
@@ -434,7 +429,6 @@ class Jobs:
                     uuid.UUID(job_id),
                     self.replica_id,
                     self._lease,
-                    timeout=self._settings.statement_timeout,
                 )
             if spec_bytes is None:
                 return  # cancelled while queued, or its lease ran out
@@ -493,7 +487,6 @@ class Jobs:
                 progress.done,
                 progress.total,
                 progress.unit,
-                timeout=self._settings.statement_timeout,
             )
 
     async def _finish(
@@ -519,7 +512,6 @@ class Jobs:
                         progress.done,
                         progress.total,
                         progress.unit,
-                        timeout=self._settings.statement_timeout,
                     )
                 if status == "UPDATE 1":
                     log.info(
@@ -571,7 +563,6 @@ class Jobs:
                     rows = await conn.fetch(
                         sql.CONTROL_READ,
                         [uuid.UUID(i) for i in ids],
-                        timeout=self._settings.statement_timeout,
                     )
             except Exception as exc:  # the next lease renewal reads the same flags
                 log.warning("could not read the cancel flags of jobs: %s", _describe(exc))
@@ -610,7 +601,6 @@ class Jobs:
                 [uuid.UUID(i) for i in held],
                 self.replica_id,
                 self._lease,
-                timeout=self._settings.statement_timeout,
             )
         renewed = {str(row["id"]) for row in rows}
         # Queued jobs cancelled (or expired) meanwhile leave the queue.
@@ -630,7 +620,7 @@ class Jobs:
         """Marks open jobs whose lease ran out FAILED; the expired ids. Also prunes the
         history when `prune` says so (None: once a minute)."""
         async with self._connection() as conn:
-            expired = await conn.fetch(sql.EXPIRE_LEASES, timeout=self._settings.statement_timeout)
+            expired = await conn.fetch(sql.EXPIRE_LEASES)
             for row in expired:
                 log.warning(
                     "job %s: the lease of replica %s ran out; marked FAILED",
@@ -646,12 +636,10 @@ class Jobs:
     async def _prune(self, conn: Connection) -> None:
         history = self._settings.job_history_seconds
         for _ in range(PRUNE_BATCHES_PER_SWEEP):
-            status = await conn.execute(
-                sql.PRUNE_JOBS, history, PRUNE_BATCH, timeout=self._settings.statement_timeout
-            )
+            status = await conn.execute(sql.PRUNE_JOBS, history, PRUNE_BATCH)
             if int(status.split()[-1]) < PRUNE_BATCH:
                 break
-        await conn.execute(sql.PRUNE_CLAIMS, history, timeout=self._settings.statement_timeout)
+        await conn.execute(sql.PRUNE_CLAIMS, history)
 
     # -- plumbing ------------------------------------------------------------------
 

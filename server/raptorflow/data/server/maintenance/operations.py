@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import asyncpg
 from raptorflow.data.server.config import Settings
-from raptorflow.data.server.db.catalog import CatalogCache, Table, quote_ident
+from raptorflow.data.server.db.catalog import CatalogCache, Table, named_twice, quote_ident
 from raptorflow.data.server.db.connections import Connection, Database
 from raptorflow.data.server.errors import Code, ServiceError, combine, invalid_argument
 from raptorflow.data.server.maintenance import retention
@@ -250,12 +250,6 @@ async def drop_new_invalid_indexes(conn: Connection, table: Table, before: set[i
         )
 
 
-def _named_twice(field_path: str, name: str) -> ServiceError:
-    return invalid_argument(
-        field_path, f"table {name!r} is named more than once", reason="DUPLICATE_TABLE"
-    )
-
-
 class Operations:
     """Runs vacuum, analyze, reindex and retention-cleanup job specs with the owner pool."""
 
@@ -300,19 +294,8 @@ class Operations:
             return [
                 self._catalog.current.tables[name] for name in sorted(self._catalog.current.tables)
             ]
-        tables: list[Table] = []
         errors: list[ServiceError] = []
-        seen: set[str] = set()
-        for index, name in enumerate(names):
-            path = f"{field_path}[{index}]"
-            if name in seen:
-                errors.append(_named_twice(path, name))
-                continue
-            seen.add(name)
-            try:
-                tables.append(await self._catalog.table(name, path))
-            except ServiceError as exc:
-                errors.append(exc)
+        tables = await self._catalog.tables(names, field_path, errors)
         error = combine(errors)
         if error is not None:
             raise error
@@ -331,7 +314,7 @@ class Operations:
         for index, name in enumerate(names):
             path = f"spec.retention_cleanup.tables[{index}]"
             if name in seen:
-                errors.append(_named_twice(path, name))
+                errors.append(named_twice(path, name))
             elif name not in configured:
                 errors.append(
                     invalid_argument(

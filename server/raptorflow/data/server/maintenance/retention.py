@@ -15,10 +15,10 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import asyncpg
+from raptorflow.data.server.config import setting_document
 from raptorflow.data.server.db.catalog import CatalogCache, Column, Table
 from raptorflow.data.server.errors import Code, ServiceError
 from raptorflow.data.server.maintenance.progress import Progress
@@ -57,13 +57,10 @@ def _refuse(problem: str) -> SystemExit:
 
 
 def _read(text: str) -> str:
-    if not text.startswith("@"):
-        return text
-    path = Path(text[1:])
     try:
-        return path.read_text(encoding="utf-8")
+        return setting_document(text)
     except (OSError, UnicodeDecodeError) as exc:
-        raise _refuse(f"cannot read {str(path)!r}: {exc}") from exc
+        raise _refuse(f"cannot read {text.strip()[1:]!r}: {exc}") from exc
 
 
 def _name(entry: Mapping[str, Any], key: str, where: str) -> str:

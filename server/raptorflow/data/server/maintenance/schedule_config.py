@@ -18,11 +18,11 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from cronsim import CronSim, CronSimError
 from google.protobuf import json_format
+from raptorflow.data.server.config import setting_document
 from raptorflow.data.v1 import job_pb2
 
 UTC = datetime.UTC
@@ -80,15 +80,13 @@ class ScheduleConfig:
 
 def load_schedules(setting: str) -> list[ScheduleConfig]:
     """The schedules of the setting (JSON, or @file); ScheduleConfigError if unusable."""
-    text = setting.strip()
-    if not text:
+    if not setting.strip():
         return []
-    if text.startswith("@"):
-        path = Path(text[1:])
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ScheduleConfigError(f"cannot read the schedules file {path}: {exc}") from exc
+    try:
+        text = setting_document(setting)
+    except (OSError, UnicodeDecodeError) as exc:
+        path = setting.strip()[1:]
+        raise ScheduleConfigError(f"cannot read the schedules file {path}: {exc}") from exc
     try:
         entries = json.loads(text)
     except json.JSONDecodeError as exc:
