@@ -10,8 +10,11 @@ recomputed; an identity column keeps its values.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as dt
 import hashlib
 import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -840,3 +843,310 @@ async def test_a_table_whose_names_need_quoting(
     assert [(t.table, t.row_count) for t in response.tables] == [(ODD_TABLE, 5)]
     assert [r[0] for r in await db.fetch(select, workspace)] == before
     await db.execute(f"DELETE FROM {table} WHERE workspace_id = $1", workspace)
+
+
+# ---------------------------------------------------------------------------
+# Replacing restores and the rows of tables outside the backup
+
+FK_PARENTS = "backup_fk_parents"
+# Child tables, each referencing FK_PARENTS with another ON DELETE action. The hidden one
+# has no workspace_id, so the server does not expose it; its rows count all the same.
+FK_CHILDREN = {
+    "backup_fk_cascade": "ON DELETE CASCADE",
+    "backup_fk_set_null": "ON DELETE SET NULL",
+    "backup_fk_set_default": "ON DELETE SET DEFAULT",
+    "backup_fk_hidden": "ON DELETE CASCADE",
+    "backup_fk_restrict": "ON DELETE RESTRICT",
+    "backup_fk_no_action": "",
+}
+FK_REFUSALS = {
+    "backup_fk_cascade": "DEPENDENT_ROWS_OUTSIDE_BACKUP",
+    "backup_fk_set_null": "DEPENDENT_ROWS_OUTSIDE_BACKUP",
+    "backup_fk_set_default": "DEPENDENT_ROWS_OUTSIDE_BACKUP",
+    "backup_fk_hidden": "DEPENDENT_ROWS_OUTSIDE_BACKUP",
+    "backup_fk_restrict": "FOREIGN_KEY_VIOLATION",
+    "backup_fk_no_action": "FOREIGN_KEY_VIOLATION",
+}
+
+
+def fk_schema_sql() -> str:
+    parts = [
+        f"CREATE TABLE {FK_PARENTS} (id bigint PRIMARY KEY, workspace_id uuid NOT NULL, "
+        "name text NOT NULL);"
+    ]
+    for child, action in FK_CHILDREN.items():
+        workspace = "" if child == "backup_fk_hidden" else "workspace_id uuid NOT NULL, "
+        parts.append(
+            f"CREATE TABLE {child} (id bigint PRIMARY KEY, {workspace}"
+            f"parent_id bigint DEFAULT NULL REFERENCES {FK_PARENTS} (id) {action});"
+        )
+    return "\n".join(parts)
+
+
+async def fk_rows(db: asyncpg.Connection) -> dict[str, list[str]]:
+    return {
+        table: [r[0] for r in await db.fetch(f"SELECT t::text FROM {table} t ORDER BY id")]
+        for table in [FK_PARENTS, *FK_CHILDREN]
+    }
+
+
+async def add_child(db: asyncpg.Connection, child: str, row_id: int, workspace: uuid.UUID) -> None:
+    """A row of `child` that references parent 1 (of the first workspace)."""
+    if child == "backup_fk_hidden":
+        await db.execute(f"INSERT INTO {child} (id, parent_id) VALUES ($1, 1)", row_id)
+    else:
+        await db.execute(
+            f"INSERT INTO {child} (id, workspace_id, parent_id) VALUES ($1, $2, 1)",
+            row_id,
+            workspace,
+        )
+
+
+@pytest.fixture
+async def fk_workspaces(
+    server: RunningServer, seeded: Workspaces, db: asyncpg.Connection
+) -> AsyncIterator[tuple[uuid.UUID, uuid.UUID]]:
+    """Parents 1-5 in a first workspace, 101-105 in a second; each child table has a row
+    of the second workspace referencing the second workspace's parent 101."""
+    first, second = uuid.uuid4(), uuid.uuid4()
+    await db.execute(fk_schema_sql())
+    await db.executemany(
+        f"INSERT INTO {FK_PARENTS} VALUES ($1, $2, $3)",
+        [(i, first, f"p{i}") for i in range(1, 6)]
+        + [(i, second, f"p{i}") for i in range(101, 106)],
+    )
+    for child in FK_CHILDREN:
+        if child == "backup_fk_hidden":
+            await db.execute(f"INSERT INTO {child} (id, parent_id) VALUES (1001, 101)")
+        else:
+            await db.execute(
+                f"INSERT INTO {child} (id, workspace_id, parent_id) VALUES (1001, $1, 101)", second
+            )
+    await server.catalog.reload()
+    try:
+        yield first, second
+    finally:
+        await db.execute(f"DROP TABLE {', '.join([*FK_CHILDREN, FK_PARENTS])}")
+        await server.catalog.reload()
+
+
+async def test_a_replacing_restore_never_reaches_tables_outside_the_backup(
+    maintenance: Stub, fk_workspaces: tuple[uuid.UUID, uuid.UUID], db: asyncpg.Connection
+) -> None:
+    first, _ = fk_workspaces
+    messages = await export(maintenance, scope(str(first), [FK_PARENTS]))
+    # The other workspace's child rows reference other parents: they do not stand in the way.
+    before = await fk_rows(db)
+    response = await restore(maintenance, messages, replace_existing=True)
+    assert response.replaced_row_count == 5
+    assert await fk_rows(db) == before
+
+    # A backup of every workspace's parents would replace parent 101, which they reference.
+    everything = await export(maintenance, scope("", [FK_PARENTS]))
+    failure = await rpc_error(restore(maintenance, everything, replace_existing=True))
+    assert (failure.code, failure.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "DEPENDENT_ROWS_OUTSIDE_BACKUP",
+    )
+    assert failure.metadata["table"] in FK_CHILDREN
+    assert await fk_rows(db) == before
+
+    for child, reason in FK_REFUSALS.items():
+        await add_child(db, child, 1, first)
+        # A change the restore would undo: still there afterwards means nothing was written.
+        await db.execute(f"UPDATE {FK_PARENTS} SET name = 'changed' WHERE id = 2")
+        snapshot = await fk_rows(db)
+        failure = await rpc_error(restore(maintenance, messages, replace_existing=True))
+        assert (failure.code, failure.reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            reason,
+        ), (child, failure.message)
+        if reason == "DEPENDENT_ROWS_OUTSIDE_BACKUP":
+            assert failure.metadata == {"table": child, "referenced_table": FK_PARENTS}
+            assert repr(child) in failure.message
+        assert await fk_rows(db) == snapshot, child
+        await no_open_transactions(db)
+        await db.execute(f"DELETE FROM {child} WHERE id = 1")
+
+    # Without the referencing rows the restore goes through, and undoes the change.
+    response = await restore(maintenance, messages, replace_existing=True)
+    assert response.replaced_row_count == 5
+    assert await fk_rows(db) == before
+
+
+async def test_a_replacing_file_restore_never_reaches_tables_outside_the_backup(
+    file_server: RunningServer,
+    fk_workspaces: tuple[uuid.UUID, uuid.UUID],
+    db: asyncpg.Connection,
+) -> None:
+    first, _ = fk_workspaces
+    await file_server.catalog.reload()
+    try:
+        async with grpc.aio.insecure_channel(file_server.address) as channel:
+            stub = Stub(channel)
+            backup = job_pb2.JobSpec(
+                backup_to_file=job_pb2.BackupToFileJob(
+                    scope=scope(str(first), [FK_PARENTS]), path="fk/parents.bak"
+                )
+            )
+            job = (await stub.StartJob(pb.StartJobRequest(spec=backup), timeout=10)).job
+            final = (await watch_to_end(stub, job.job_id))[-1]
+            assert final.state == job_pb2.JOB_STATE_SUCCEEDED, final.error
+            await add_child(db, "backup_fk_cascade", 1, first)
+            snapshot = await fk_rows(db)
+            restore_spec = job_pb2.JobSpec(
+                restore_from_file=job_pb2.RestoreFromFileJob(
+                    path="fk/parents.bak", replace_existing=True
+                )
+            )
+            job = (await stub.StartJob(pb.StartJobRequest(spec=restore_spec), timeout=10)).job
+            final = (await watch_to_end(stub, job.job_id))[-1]
+            assert final.state == job_pb2.JOB_STATE_FAILED
+            assert (final.error.code, final.error.reason) == (
+                "FAILED_PRECONDITION",
+                "DEPENDENT_ROWS_OUTSIDE_BACKUP",
+            )
+            assert "backup_fk_cascade" in final.error.message
+            assert await fk_rows(db) == snapshot
+    finally:
+        await db.execute("DELETE FROM backup_fk_cascade WHERE id = 1")
+
+
+# ---------------------------------------------------------------------------
+# Backup paths with {time}
+
+TIME_NAME = re.compile(r"nightly/ws-\d{8}T\d{6}Z\.backup")
+
+
+async def test_a_time_template_names_a_new_file_each_run(
+    file_server: RunningServer, backup_dir: Path, seeded: Workspaces
+) -> None:
+    spec = job_pb2.JobSpec(
+        backup_to_file=job_pb2.BackupToFileJob(
+            scope=scope(seeded.first), path="nightly/ws-{time}.backup"
+        )
+    )
+    paths = []
+    async with grpc.aio.insecure_channel(file_server.address) as channel:
+        stub = Stub(channel)
+        for run in range(2):
+            if run:
+                await asyncio.sleep(1.05)  # the next run starts in a later second
+            job = (await stub.StartJob(pb.StartJobRequest(spec=spec), timeout=10)).job
+            final = (await watch_to_end(stub, job.job_id))[-1]
+            assert final.state == job_pb2.JOB_STATE_SUCCEEDED, final.error
+            assert TIME_NAME.fullmatch(final.result.backup_path), final.result.backup_path
+            content = (backup_dir / final.result.backup_path).read_bytes()
+            assert final.result.backup_sha256 == hashlib.sha256(content).hexdigest()
+            paths.append(final.result.backup_path)
+    assert paths[0] != paths[1]
+
+
+async def test_the_time_is_the_runs_start_in_utc(
+    file_server: RunningServer, backup_dir: Path, seeded: Workspaces
+) -> None:
+    backups = file_server.maintenance.backups
+    spec = job_pb2.BackupToFileJob(scope=scope(seeded.first), path="at/{time}-{time}.bak")
+    started = dt.datetime(2024, 1, 31, 3, 4, 5, 999_999, tzinfo=dt.timezone(dt.timedelta(hours=1)))
+    result = await backups.backup_to_file(spec, RecordingProgress(), started)
+    assert result.backup_path == "at/20240131T020405Z-20240131T020405Z.bak"
+    assert (backup_dir / result.backup_path).is_file()
+    # The same second again: that name is taken, and the file is left as it was.
+    with pytest.raises(ServiceError) as caught:
+        await backups.backup_to_file(spec, RecordingProgress(), started)
+    assert caught.value.reason == "BACKUP_FILE_EXISTS"
+    # A template passes the check even while today's expansion happens to exist.
+    await backups.check_backup_file(spec, "spec.backup_to_file")
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("{date}.bak", "INVALID_PATH_TEMPLATE"),
+        ("x{.bak", "INVALID_PATH_TEMPLATE"),
+        ("x}.bak", "INVALID_PATH_TEMPLATE"),
+        ("{time.bak", "INVALID_PATH_TEMPLATE"),
+        ("{{time}}.bak", "INVALID_PATH_TEMPLATE"),
+        ("{TIME}.bak", "INVALID_PATH_TEMPLATE"),
+        ("../{time}.bak", "PATH_OUTSIDE_BACKUP_DIR"),
+        ("escape/{time}.bak", "PATH_OUTSIDE_BACKUP_DIR"),
+        ("/tmp/{time}.bak", "PATH_OUTSIDE_BACKUP_DIR"),
+    ],
+)
+async def test_bad_path_templates_are_refused(
+    file_server: RunningServer, backup_dir: Path, seeded: Workspaces, path: str, reason: str
+) -> None:
+    async with grpc.aio.insecure_channel(file_server.address) as channel:
+        spec = job_pb2.JobSpec(
+            backup_to_file=job_pb2.BackupToFileJob(scope=scope(seeded.first), path=path)
+        )
+        failure = await rpc_error(
+            Stub(channel).StartJob(pb.StartJobRequest(spec=spec), timeout=10), echoed=path
+        )
+    assert (failure.code, failure.reason) == (grpc.StatusCode.INVALID_ARGUMENT, reason)
+    assert failure.fields == ["spec.backup_to_file.path"]
+    assert os.listdir(backup_dir.parent / "outside") == []
+
+
+# ---------------------------------------------------------------------------
+# Files swapped after their path was checked
+
+
+async def test_a_fifo_is_not_a_backup_file(
+    file_server: RunningServer, backup_dir: Path, seeded: Workspaces
+) -> None:
+    fifo = backup_dir / "a-fifo.bak"
+    os.mkfifo(fifo)
+    try:
+        async with grpc.aio.insecure_channel(file_server.address) as channel:
+            spec = job_pb2.JobSpec(restore_from_file=job_pb2.RestoreFromFileJob(path=fifo.name))
+            failure = await rpc_error(
+                Stub(channel).StartJob(pb.StartJobRequest(spec=spec), timeout=10)
+            )
+        assert (failure.code, failure.reason) == (
+            grpc.StatusCode.NOT_FOUND,
+            "BACKUP_FILE_NOT_FOUND",
+        )
+    finally:
+        fifo.unlink()
+
+
+async def test_a_file_swapped_after_its_check_is_refused(
+    file_server: RunningServer, backup_dir: Path, tmp_path: Path, seeded: Workspaces
+) -> None:
+    backups = file_server.maintenance.backups
+    spec = job_pb2.BackupToFileJob(scope=scope(seeded.first), path="swapped.bak")
+    await backups.backup_to_file(spec, RecordingProgress())
+    name = backup_dir / "swapped.bak"
+    # A whole backup outside the directory: following a link to it would read it fine.
+    outside = tmp_path / "elsewhere.bak"
+    outside.write_bytes(name.read_bytes())
+
+    def swap_for_symlink() -> None:
+        name.unlink()
+        name.symlink_to(outside)
+
+    def swap_for_fifo() -> None:
+        name.unlink()
+        os.mkfifo(name)
+
+    try:
+        for swap in (swap_for_symlink, swap_for_fifo):
+            name.unlink(missing_ok=True)
+            name.write_bytes(outside.read_bytes())
+            # Checked while it is the real file, swapped before it is opened.
+            checked = backup_file.resolve(str(backup_dir), "swapped.bak", "path")
+            swap()
+            reader = backup_file.BackupReader(checked, "path")
+            with pytest.raises(ServiceError) as caught:
+                await asyncio.wait_for(read_all(reader), 10)  # a FIFO must not block the open
+            assert caught.value.reason == "BACKUP_FILE_NOT_FOUND", swap.__name__
+            assert reader.bytes == 0
+    finally:
+        name.unlink(missing_ok=True)
+
+
+async def read_all(reader: backup_file.BackupReader) -> None:
+    async with contextlib.aclosing(reader.messages()) as messages:
+        async for _ in messages:
+            pass

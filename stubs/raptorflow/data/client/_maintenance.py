@@ -692,8 +692,9 @@ class Maintenance:
         """Starts a job that writes a backup to `path` under the server's backup directory.
 
         `path` is relative to that directory, with forward slashes; one that
-        leaves it is `InvalidArgument`, an existing file `AlreadyExists`. The
-        finished job's `result` gives the path, size and checksum.
+        leaves it is `InvalidArgument`, an existing file `AlreadyExists`. Each
+        `{time}` in it becomes the run's UTC time (`YYYYMMDDTHHMMSSZ`). The
+        finished job's `result` gives the expanded path, size and checksum.
         """
         spec = job_pb2.JobSpec(
             backup_to_file=job_pb2.BackupToFileJob(

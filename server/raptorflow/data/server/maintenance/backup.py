@@ -143,11 +143,17 @@ class Backups:
     # -- jobs --------------------------------------------------------------------------
 
     async def check_backup_file(self, spec: job_pb2.BackupToFileJob, field_path: str) -> None:
-        """Raises ServiceError if the job could not run (bad scope, path outside the directory)."""
-        path = await backup_file.locate(self._settings.backup_dir, spec.path, f"{field_path}.path")
+        """Raises ServiceError if the job could not run (bad scope, path outside the directory).
+
+        A path with `{time}` is checked as it would be expanded now; each run names a
+        new file, so whether today's name exists says nothing about a run's.
+        """
+        path_field = f"{field_path}.path"
+        sample = backup_file.expand(spec.path, dt.datetime.now(dt.UTC), path_field)
+        path = await backup_file.locate(self._settings.backup_dir, sample, path_field)
         await self.resolve_scope(spec.scope, f"{field_path}.scope")
-        if await backup_file.exists(path):
-            raise backup_file.already_exists(path, f"{field_path}.path")
+        if not backup_file.is_template(spec.path) and await backup_file.exists(path):
+            raise backup_file.already_exists(path, path_field)
 
     async def check_restore_file(self, spec: job_pb2.RestoreFromFileJob, field_path: str) -> None:
         """Raises ServiceError if the job could not run (path outside the directory, no file)."""
@@ -163,16 +169,23 @@ class Backups:
             raise error.prefixed(f"{field_path}.path") from None
 
     async def backup_to_file(
-        self, spec: job_pb2.BackupToFileJob, progress: Progress
+        self,
+        spec: job_pb2.BackupToFileJob,
+        progress: Progress,
+        started: dt.datetime | None = None,
     ) -> job_pb2.JobResult:
         """Writes a backup file (the ExportBackup stream, framed); its name appears when whole.
 
-        The result's backup_bytes and backup_sha256 are the file's size and SHA-256.
+        `{time}` in the path becomes `started` (default: now), in UTC. The result's
+        backup_path is the expanded path; backup_bytes and backup_sha256 are the
+        file's size and SHA-256.
         """
-        field_path = "spec.backup_to_file"
-        path = await backup_file.locate(self._settings.backup_dir, spec.path, f"{field_path}.path")
-        scope = await self.resolve_scope(spec.scope, f"{field_path}.scope")
-        writer = backup_file.BackupWriter(path, f"{field_path}.path")
+        path_field = "spec.backup_to_file.path"
+        moment = dt.datetime.now(dt.UTC) if started is None else started
+        expanded = backup_file.expand(spec.path, moment, path_field)
+        path = await backup_file.locate(self._settings.backup_dir, expanded, path_field)
+        scope = await self.resolve_scope(spec.scope, "spec.backup_to_file.scope")
+        writer = backup_file.BackupWriter(path, path_field)
         report = backup_stream.Report(progress, lambda: (writer.bytes, 0))
         try:
             # Inside: a failed first write (the magic line) must still close and remove

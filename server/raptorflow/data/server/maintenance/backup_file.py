@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import errno
 import hashlib
 import logging
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAGIC = b"RAPTORFLOW-BACKUP 1\n"
+# A backup job's path may hold `{time}`: the UTC time the run started, so a scheduled
+# job names a new file each run (second resolution: "20240131T020000Z").
+TIME_PLACEHOLDER = "{time}"
+_TIME_FORMAT = "%Y%m%dT%H%M%SZ"
 _LENGTH_BYTES = 4
 # A chunk holds at most 4 MiB of COPY data; a header lists every table's columns. Anything
 # longer than this is not a message this server wrote, and is not read into memory.
@@ -94,6 +99,30 @@ def resolve(backup_dir: str, path: str, field_path: str) -> BackupPath:
     if file == base or not file.is_relative_to(base):
         raise _outside(field_path, path)
     return BackupPath(base, file, relative.as_posix())
+
+
+def is_template(path: str) -> bool:
+    """Whether `path` names a new file each run (it holds `{time}`)."""
+    return TIME_PLACEHOLDER in path
+
+
+def expand(template: str, moment: dt.datetime, field_path: str) -> str:
+    """`template` with each `{time}` replaced by `moment` in UTC as YYYYMMDDTHHMMSSZ.
+
+    INVALID_ARGUMENT (INVALID_PATH_TEMPLATE) for any other `{` or `}`: reserved for
+    placeholders this server may add, so a path does not change meaning later.
+    """
+    if moment.tzinfo is None:
+        raise ValueError("moment must be timezone-aware")
+    others = template.replace(TIME_PLACEHOLDER, "")
+    if "{" in others or "}" in others:
+        raise invalid_argument(
+            field_path,
+            f"path {template[:200]!r} has a brace that is not part of {TIME_PLACEHOLDER}, "
+            "the only placeholder",
+            reason="INVALID_PATH_TEMPLATE",
+        )
+    return template.replace(TIME_PLACEHOLDER, moment.astimezone(dt.UTC).strftime(_TIME_FORMAT))
 
 
 async def locate(backup_dir: str, path: str, field_path: str) -> BackupPath:
@@ -292,14 +321,29 @@ class BackupReader:
                 await asyncio.to_thread(file.close)
 
     def _open(self) -> BinaryIO:
+        # The path was resolved (symlinks followed) and checked when the job was made;
+        # the name may have been swapped since. O_NOFOLLOW refuses a symlink put there,
+        # O_NONBLOCK keeps a FIFO's open from waiting for a writer for ever, and the
+        # descriptor's own fstat (not the name's) decides whether it is a regular file.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
         try:
-            # Only regular files: opening a FIFO someone left there would block for ever.
-            if not stat.S_ISREG(self._path.file.stat().st_mode):
-                raise not_found(self._path, self._field_path)
-            file = open(self._path.file, "rb")  # noqa: SIM115 - closed by messages()
+            descriptor = os.open(self._path.file, flags)
         except (FileNotFoundError, NotADirectoryError):
             raise not_found(self._path, self._field_path) from None
-        self.size = os.fstat(file.fileno()).st_size
+        except OSError as error:
+            if error.errno == errno.ELOOP:  # a symlink, under O_NOFOLLOW
+                raise not_found(self._path, self._field_path) from None
+            raise
+        try:
+            info = os.fstat(descriptor)
+            if not stat.S_ISREG(info.st_mode):
+                raise not_found(self._path, self._field_path)
+            # Reads of a regular file never wait, so O_NONBLOCK changes nothing from here.
+            file = os.fdopen(descriptor, "rb")
+        except BaseException:
+            os.close(descriptor)
+            raise
+        self.size = info.st_size
         return file
 
     def _read_record(self, file: BinaryIO) -> bytes | None:

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from raptorflow.data.server.db.catalog import Column, Table
+from raptorflow.data.server.db.catalog import Column, Table, quote_ident
 from raptorflow.data.server.db.connections import Connection
 from raptorflow.data.server.errors import Code, ServiceError
 from raptorflow.data.server.maintenance.backup_stream import Report
@@ -64,6 +64,36 @@ WHERE n.nspname = $1 AND c.relname = ANY($2::text[])
 _ADVANCE_SEQUENCE_SQL = """
 SELECT CASE WHEN $2::bigint > nextval($1::regclass) THEN setval($1::regclass, $2::bigint) END
 """
+# Foreign keys into a backup's tables from tables outside it whose ON DELETE changes the
+# referencing rows (CASCADE, SET NULL, SET DEFAULT; exposed tables or not, any schema): a
+# replacing restore's DELETE would reach rows the backup does not hold and cannot give
+# back. (NO ACTION and RESTRICT need no look: PostgreSQL fails the DELETE itself.)
+# conparentid = 0: a partitioned table's key once, not again per partition.
+_OUTSIDE_REFERENCES_SQL = """
+SELECT k.conname AS constraint_name, k.confdeltype::text AS action,
+    cn.nspname AS child_schema, child.relname AS child, parent.relname AS parent,
+    array_agg(ca.attname ORDER BY cols.ord) AS child_columns,
+    array_agg(pa.attname ORDER BY cols.ord) AS parent_columns
+FROM pg_catalog.pg_constraint k
+JOIN pg_catalog.pg_class child ON child.oid = k.conrelid
+JOIN pg_catalog.pg_namespace cn ON cn.oid = child.relnamespace
+JOIN pg_catalog.pg_class parent ON parent.oid = k.confrelid
+JOIN pg_catalog.pg_namespace pn ON pn.oid = parent.relnamespace
+CROSS JOIN LATERAL unnest(k.conkey, k.confkey) WITH ORDINALITY AS cols(child_key, parent_key, ord)
+JOIN pg_catalog.pg_attribute ca ON ca.attrelid = k.conrelid AND ca.attnum = cols.child_key
+JOIN pg_catalog.pg_attribute pa ON pa.attrelid = k.confrelid AND pa.attnum = cols.parent_key
+WHERE k.contype = 'f' AND k.confdeltype IN ('c', 'n', 'd') AND k.conparentid = 0
+  AND pn.nspname = $1 AND parent.relname = ANY($2::text[])
+  AND NOT (cn.nspname = $1 AND child.relname = ANY($2::text[]))
+GROUP BY k.oid, k.conname, k.confdeltype, cn.nspname, child.relname, parent.relname
+ORDER BY child.relname, k.conname
+"""
+# confdeltype: (the clause, what it does to the referencing rows)
+_DELETE_ACTIONS = {
+    "c": ("CASCADE", "delete"),
+    "n": ("SET NULL", "set their keys to NULL"),
+    "d": ("SET DEFAULT", "set their keys to their defaults"),
+}
 # Restores of one workspace wait for each other (a transaction-level advisory lock keyed
 # by the workspace), so two of them cannot both find it empty and both load it.
 _LOCK_WORKSPACE_SQL = "SELECT pg_advisory_xact_lock($1::bigint)"
@@ -212,6 +242,8 @@ async def clear_scope(
 ) -> int:
     """Deletes the scope's rows (replace_existing) or refuses a scope that has rows."""
     replaced = 0
+    if replace_existing:
+        await refuse_dependent_rows(conn, scope, shapes)
     # Referencing tables first: their rows go before the rows they reference.
     for shape in reversed(shapes):
         table = shape.table
@@ -235,6 +267,68 @@ async def clear_scope(
                 metadata={"table": table.name},
             )
     return replaced
+
+
+async def refuse_dependent_rows(
+    conn: Connection, scope: Scope, shapes: Sequence[CopyShape]
+) -> None:
+    """FAILED_PRECONDITION (DEPENDENT_ROWS_OUTSIDE_BACKUP) if deleting the scope's rows would
+    cascade to (or null, or default) rows of a table the backup does not hold.
+
+    Runs before anything is deleted. The scope's rows of each referenced table are
+    locked first (FOR UPDATE, as the DELETE would), so a row that starts to reference
+    them meanwhile waits for the restore instead of slipping in after the look.
+    """
+    if not shapes:
+        return
+    tables = {s.table.name: s.table for s in shapes}
+    keys = await conn.fetch(_OUTSIDE_REFERENCES_SQL, shapes[0].table.schema, list(tables))
+    locked: set[str] = set()
+    for key in keys:
+        parent = tables[key["parent"]]
+        condition, args = "", []
+        if scope.workspace is not None:
+            condition, args = f" WHERE p.{parent.workspace_column.quoted} = $1", [scope.workspace]
+        if parent.name not in locked:
+            locked.add(parent.name)
+            await conn.execute(
+                f"SELECT count(*) FROM (SELECT 1 FROM {parent.qualified} p{condition} "
+                "FOR UPDATE) locked",
+                *args,
+            )
+        # Names from pg_catalog, quoted; the join is the key's own match (a NULL in any of
+        # its columns references nothing).
+        child = f"{quote_ident(key['child_schema'])}.{quote_ident(key['child'])}"
+        join = " AND ".join(
+            f"c.{quote_ident(c)} = p.{quote_ident(p)}"
+            for c, p in zip(key["child_columns"], key["parent_columns"], strict=True)
+        )
+        found = await conn.fetchval(
+            f"SELECT EXISTS (SELECT 1 FROM {child} c JOIN {parent.qualified} p ON {join}"
+            f"{condition})",
+            *args,
+        )
+        if found:
+            named = key["child"]
+            if key["child_schema"] != parent.schema:
+                named = f"{key['child_schema']}.{named}"
+            raise _dependent_rows(scope, parent, named, key["constraint_name"], key["action"])
+
+
+def _dependent_rows(
+    scope: Scope, parent: Table, child: str, constraint: str, action: str
+) -> ServiceError:
+    clause, effect = _DELETE_ACTIONS[action]
+    whose = f"workspace {scope.workspace}'s" if scope.workspace else "the"
+    return ServiceError(
+        Code.FAILED_PRECONDITION,
+        "DEPENDENT_ROWS_OUTSIDE_BACKUP",
+        f"table {child!r}, which the backup does not hold, has rows that reference {whose} "
+        f"rows of {parent.name!r}: replacing those would {effect} (foreign key "
+        f"{constraint!r}, ON DELETE {clause}). Restore a backup that also holds {child!r}, or "
+        "remove those rows first; nothing was written",
+        metadata={"table": child, "referenced_table": parent.name},
+    )
 
 
 def copied_rows(status: str) -> int:
