@@ -308,3 +308,133 @@ async def test_jobs_and_background_work_outlive_a_database_outage(
         assert final.replica == jobs.replica_id
         after = await submitted(jobs, scripted("succeed"))
         assert (await ended(jobs, after.job_id)).state == SUCCEEDED
+
+
+async def waiting_on_lock(db: asyncpg.Connection, statement: str, within: float = 5.0) -> int:
+    """The pid of the service backend waiting for a lock while running `statement` (a snippet)."""
+    started = time.monotonic()
+    while True:
+        await db.execute("SELECT pg_stat_clear_snapshot()")
+        pid = await db.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = 'raptorflow-data' AND wait_event_type = 'Lock'"
+            " AND position($1 in query) > 0",
+            statement,
+        )
+        if pid is not None:
+            return int(pid)
+        assert time.monotonic() - started < within, f"nothing waits running {statement!r}"
+        await asyncio.sleep(0.02)
+
+
+async def job_row(db: asyncpg.Connection, job_id: str) -> asyncpg.Record:
+    row = await db.fetchrow(
+        "SELECT state, error_reason, error_message, lease_expires_at FROM raptorflow_data.jobs"
+        " WHERE id = $1",
+        uuid.UUID(job_id),
+    )
+    assert row is not None
+    return row
+
+
+async def test_a_job_committed_while_the_server_stops_is_marked_server_stopping(
+    server: RunningServer, settings: Settings, db: asyncpg.Connection
+) -> None:
+    name = f"late-{uuid.uuid4().hex[:8]}"
+    period = datetime.datetime(2030, 3, 1, tzinfo=datetime.UTC)
+    async with job_runtime(settings) as jobs:
+        # An uncommitted claim of the same period makes the submission's claim wait.
+        transaction = db.transaction()
+        await transaction.start()
+        try:
+            await db.execute(
+                "INSERT INTO raptorflow_data.schedule_claims"
+                " (schedule, period_start, job_id, replica) VALUES ($1, $2, $3, 'test')",
+                name,
+                period,
+                uuid.uuid4(),
+            )
+            submitting = asyncio.create_task(
+                jobs.submit(scripted("succeed"), schedule=name, period_start=period)
+            )
+            await waiting_on_lock(db, "schedule_claims")
+            closing = asyncio.create_task(jobs.close())
+            await asyncio.sleep(0.3)
+            assert not closing.done(), "close() waits for the submission under way"
+        finally:
+            await transaction.rollback()
+        job = await submitting
+        assert job is not None
+        assert job.state == QUEUED
+        await closing
+        row = await job_row(db, job.job_id)
+    # Not left QUEUED, run by nobody, until its lease ran out.
+    assert (row["state"], row["error_reason"]) == ("FAILED", "SERVER_STOPPING")
+    assert row["lease_expires_at"] is None
+
+
+async def test_a_job_stopped_before_its_start_committed_is_marked_server_stopping(
+    server: RunningServer, settings: Settings, db: asyncpg.Connection
+) -> None:
+    executor = ScriptedExecutor()
+    async with job_runtime(settings, executor, max_running_jobs=1, job_lease_seconds=60.0) as jobs:
+        first = await submitted(jobs, scripted("block"))
+        second = await submitted(jobs, scripted("succeed"))
+        await until(jobs, first.job_id, in_state(RUNNING))
+        transaction = db.transaction()
+        await transaction.start()
+        try:
+            # The second job's START_JOB waits for this row lock when the server stops.
+            await db.execute(
+                "SELECT 1 FROM raptorflow_data.jobs WHERE id = $1 FOR UPDATE",
+                uuid.UUID(second.job_id),
+            )
+            executor.release.set()
+            await waiting_on_lock(db, "SET state = 'RUNNING'")
+            closing = asyncio.create_task(jobs.close())
+            # START_JOB was cancelled (its row is still QUEUED); the end waits for the lock.
+            # (A FINISH_JOB that matched RUNNING rows only would not wait: it skipped the
+            # QUEUED row, which then stayed QUEUED until its lease ran out.)
+            await waiting_on_lock(db, "SET state = $3")
+        finally:
+            await transaction.rollback()
+        await closing
+        rows = [await job_row(db, job.job_id) for job in (first, second)]
+    assert rows[0]["state"] == "SUCCEEDED"
+    assert (rows[1]["state"], rows[1]["error_reason"]) == ("FAILED", "SERVER_STOPPING")
+    assert "before the job could start" in rows[1]["error_message"]
+    assert executor.started == ["block"]
+
+
+async def test_a_job_whose_start_failed_ends_instead_of_staying_queued(
+    server: RunningServer, settings: Settings, db: asyncpg.Connection
+) -> None:
+    executor = ScriptedExecutor()
+    async with job_runtime(settings, executor, max_running_jobs=1, job_lease_seconds=60.0) as jobs:
+        recorded: list[tuple[str, int]] = []
+        jobs.on_end = lambda kind, state: recorded.append((kind, state))
+        first = await submitted(jobs, scripted("block"))
+        second = await submitted(jobs, scripted("succeed"))
+        await until(jobs, first.job_id, in_state(RUNNING))
+        transaction = db.transaction()
+        await transaction.start()
+        try:
+            await db.execute(
+                "SELECT 1 FROM raptorflow_data.jobs WHERE id = $1 FOR UPDATE",
+                uuid.UUID(second.job_id),
+            )
+            executor.release.set()
+            # The second job's START_JOB loses its connection before it commits.
+            pid = await waiting_on_lock(db, "SET state = 'RUNNING'")
+            assert await db.fetchval("SELECT pg_terminate_backend($1)", pid)
+            # The job's end (FAILED) waits for the row, still QUEUED.
+            await waiting_on_lock(db, "SET state = $3")
+        finally:
+            await transaction.rollback()
+        final = await ended(jobs, second.job_id)
+        assert (await jobs.get(first.job_id)).state == SUCCEEDED
+    # Before: FINISH_JOB matched RUNNING rows only, so it stayed QUEUED for a whole lease.
+    assert final.state == FAILED
+    assert (final.error.code, final.error.reason) == ("UNAVAILABLE", "DATABASE_UNAVAILABLE")
+    assert not final.HasField("start_time")
+    assert ("analyze", FAILED) in recorded

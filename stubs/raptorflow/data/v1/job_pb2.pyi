@@ -303,7 +303,12 @@ class BackupToFileJob(_message.Message):
     path: _builtins.str
     """Required. The file to create, relative to the server's backup directory
     (a path that leaves it is INVALID_ARGUMENT, an existing file
-    ALREADY_EXISTS). Forward slashes separate directories.
+    ALREADY_EXISTS). Forward slashes separate directories. Each "{time}" is
+    replaced, when the job starts running, by that time in UTC as
+    YYYYMMDDTHHMMSSZ, so a scheduled job writes a new file each run (e.g.
+    "nightly/ws-{time}.backup" becomes "nightly/ws-20240131T020000Z.backup");
+    JobResult.backup_path gives the expanded path. Any other "{" or "}" is
+    INVALID_ARGUMENT (reason INVALID_PATH_TEMPLATE).
     """
     @_builtins.property
     def scope(self) -> Global___BackupScope:
@@ -338,7 +343,12 @@ class RestoreFromFileJob(_message.Message):
     replace_existing: _builtins.bool
     """Optional. Delete the rows the backup's scope holds now before loading.
     Without it, a restore into tables where that scope has rows is
-    FAILED_PRECONDITION.
+    FAILED_PRECONDITION. With it, rows of tables the backup does not hold
+    are never changed: when such rows reference rows it would replace
+    through a foreign key, the restore is FAILED_PRECONDITION (reason
+    DEPENDENT_ROWS_OUTSIDE_BACKUP for ON DELETE CASCADE, SET NULL or SET
+    DEFAULT; FOREIGN_KEY_VIOLATION for NO ACTION or RESTRICT) and nothing is
+    written.
     """
     def __init__(
         self,
@@ -398,8 +408,8 @@ class Job(_message.Message):
 
     @_builtins.property
     def result(self) -> Global___JobResult:
-        """Output only. What the job did, once it SUCCEEDED (partly filled for a
-        job that FAILED or was CANCELLED part-way).
+        """Output only. What the job did; set only once it SUCCEEDED. For a job
+        that FAILED or was CANCELLED, progress shows how far it came.
         """
 
     @_builtins.property

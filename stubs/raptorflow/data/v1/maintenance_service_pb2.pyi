@@ -284,6 +284,8 @@ class RestoreBackupRequest(_message.Message):
     replace_existing: _builtins.bool
     """Optional, read from the first message only. Delete the rows the
     backup's scope holds now before loading, in the same transaction.
+    Refused (FAILED_PRECONDITION, nothing written) when rows of a table the
+    backup does not hold reference those rows: see RestoreBackup.
     """
     @_builtins.property
     def header(self) -> Global___BackupHeader:
@@ -623,7 +625,7 @@ class ListSchedulesResponse(_message.Message):
     SCHEDULES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def schedules(self) -> _containers.RepeatedCompositeFieldContainer[_job_pb2.Schedule]:
-        """Output only. Every configured schedule, by name."""
+        """Output only. Every configured schedule, sorted by name."""
 
     def __init__(
         self,

@@ -49,13 +49,21 @@ class MaintenanceServiceStub:
     exposed, FAILED_PRECONDITION (reason TABLE_CHANGED) when a table's
     columns differ from the backup's, and FAILED_PRECONDITION (reason
     WORKSPACE_NOT_EMPTY) when the scope holds rows and replace_existing is
-    not set.
+    not set. With replace_existing, a restore never changes rows of tables
+    the backup does not hold: it returns FAILED_PRECONDITION (reason
+    DEPENDENT_ROWS_OUTSIDE_BACKUP, metadata "table" naming that table) when
+    such a table has rows referencing rows it would replace through a foreign
+    key ON DELETE CASCADE, SET NULL or SET DEFAULT, and FAILED_PRECONDITION
+    (reason FOREIGN_KEY_VIOLATION) when it has such rows through a NO ACTION
+    or RESTRICT key. Both are refused before anything is written.
     """
     StartJob: _aio.UnaryUnaryMultiCallable[_maintenance_service_pb2.StartJobRequest, _maintenance_service_pb2.StartJobResponse]
     """Starts a job and returns it at once, QUEUED or RUNNING. Returns
     INVALID_ARGUMENT for a spec without a kind, a table that is not exposed
-    or named twice, a table without a retention rule, or a path outside the
-    backup directory; ALREADY_EXISTS for a backup file that exists; and
+    or named twice, a table without a retention rule, a path outside the
+    backup directory, or a backup path with a "{" or "}" that is not part of
+    "{time}" (reason INVALID_PATH_TEMPLATE); ALREADY_EXISTS for a backup file
+    that exists; and
     FAILED_PRECONDITION for a file job on a server without a backup
     directory (reason BACKUP_DIR_NOT_SET), a retention cleanup on a server
     without retention rules (NO_RETENTION_RULES) or with a rule that no
@@ -132,7 +140,13 @@ class MaintenanceServiceServicer(metaclass=_abc_1.ABCMeta):
         exposed, FAILED_PRECONDITION (reason TABLE_CHANGED) when a table's
         columns differ from the backup's, and FAILED_PRECONDITION (reason
         WORKSPACE_NOT_EMPTY) when the scope holds rows and replace_existing is
-        not set.
+        not set. With replace_existing, a restore never changes rows of tables
+        the backup does not hold: it returns FAILED_PRECONDITION (reason
+        DEPENDENT_ROWS_OUTSIDE_BACKUP, metadata "table" naming that table) when
+        such a table has rows referencing rows it would replace through a foreign
+        key ON DELETE CASCADE, SET NULL or SET DEFAULT, and FAILED_PRECONDITION
+        (reason FOREIGN_KEY_VIOLATION) when it has such rows through a NO ACTION
+        or RESTRICT key. Both are refused before anything is written.
         """
 
     @_abc_1.abstractmethod
@@ -143,8 +157,10 @@ class MaintenanceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_maintenance_service_pb2.StartJobResponse]:
         """Starts a job and returns it at once, QUEUED or RUNNING. Returns
         INVALID_ARGUMENT for a spec without a kind, a table that is not exposed
-        or named twice, a table without a retention rule, or a path outside the
-        backup directory; ALREADY_EXISTS for a backup file that exists; and
+        or named twice, a table without a retention rule, a path outside the
+        backup directory, or a backup path with a "{" or "}" that is not part of
+        "{time}" (reason INVALID_PATH_TEMPLATE); ALREADY_EXISTS for a backup file
+        that exists; and
         FAILED_PRECONDITION for a file job on a server without a backup
         directory (reason BACKUP_DIR_NOT_SET), a retention cleanup on a server
         without retention rules (NO_RETENTION_RULES) or with a rule that no

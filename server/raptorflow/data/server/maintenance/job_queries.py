@@ -60,14 +60,18 @@ SET phase = $2, done = $3, total = $4, unit = $5, updated_at = now()
 WHERE id = $1 AND state = 'RUNNING'
 """
 
-# Only while the job is still this replica's and RUNNING: a job whose lease
-# another replica expired keeps the FAILED state it was given.
+# Only while the job is still this replica's and open: a job whose lease another
+# replica expired keeps the FAILED state it was given, a job cancelled while queued
+# its CANCELLED. QUEUED rows are this replica's dispatched jobs whose START_JOB
+# never committed (cancelled at shutdown, or it failed): they end here too rather
+# than stay QUEUED, run by nobody, until their lease runs out.
 FINISH_JOB = """
 UPDATE raptorflow_data.jobs
 SET state = $3, result = $4, error_code = $5, error_reason = $6, error_message = $7,
     phase = $8, done = $9, total = $10, unit = $11,
     ended_at = now(), updated_at = now(), lease_expires_at = NULL
-WHERE id = $1 AND replica = $2 AND state = 'RUNNING'
+WHERE id = $1 AND replica = $2 AND state IN ('QUEUED', 'RUNNING')
+RETURNING kind
 """
 
 # A replica renews the leases of the jobs it holds (queued or running), and
@@ -97,7 +101,8 @@ WHERE state IN ('QUEUED', 'RUNNING') AND lease_expires_at < now()
 RETURNING id, replica, kind
 """
 
-# A replica that stops ends the jobs it still holds queued.
+# A replica that stops ends the jobs it still holds queued (or dispatched, when
+# their START_JOB never committed).
 FAIL_QUEUED = """
 UPDATE raptorflow_data.jobs
 SET state = 'FAILED', ended_at = now(), updated_at = now(), lease_expires_at = NULL,

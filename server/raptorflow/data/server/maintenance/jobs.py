@@ -25,7 +25,10 @@ and logged; CANCELLED when CancelJob asked and the job's task was cancelled
 (its statements are cancelled in PostgreSQL and its transaction rolled back).
 A server that stops cancels the jobs it runs and marks them, and those still
 queued, FAILED (UNAVAILABLE, SERVER_STOPPING): nobody asked for them to stop,
-so the schedules' success rates count them as failures.
+so the schedules' success rates count them as failures. It first waits (briefly)
+for submissions under way, so a job whose row commits during the stop is marked
+too; no job of a stopped replica stays QUEUED or RUNNING until its lease runs
+out, unless the database could not be reached meanwhile.
 
 All bookkeeping runs on the owner's job pool (`Database.job_pool`), never on
 the owner pool that the jobs themselves hold for as long as they run. That
@@ -73,7 +76,8 @@ MAX_PAGE_SIZE = 1000
 PRUNE_BATCH = 1000
 PRUNE_BATCHES_PER_SWEEP = 10
 PRUNE_EVERY_SECONDS = 60.0
-# How long stop() waits for cancelled jobs to record how they ended.
+# How long close() waits for submissions under way and for cancelled jobs to
+# record how they ended.
 CLOSE_WAIT_SECONDS = 5.0
 
 # Why this replica cancels a job's task.
@@ -154,6 +158,7 @@ class Jobs:
         self._control_all = False
         self._control_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._creating: set[asyncio.Task[job_pb2.Job | None]] = set()
         self._started = False
         self._closing = False
         self._watches_closed = False
@@ -191,33 +196,44 @@ class Jobs:
             return
         self._closing = True
         self.end_watches()
+        # Every job this replica holds or dispatched: a run task cancelled before its
+        # first step (or before START_JOB committed) leaves its row QUEUED.
+        dispatched = set(self._runs)
         for job_id, run in list(self._runs.items()):
             self._stop_run(job_id, run, _STOPPING)
         running = [run.task for run in self._runs.values() if run.task is not None]
-        if running:
-            _, pending = await asyncio.wait(running, timeout=CLOSE_WAIT_SECONDS)
+        # Submissions under way (shielded from their callers) are awaited too: a row
+        # they commit joins the queue, which is failed below.
+        waited = [*running, *self._creating]
+        if waited:
+            _, pending = await asyncio.wait(waited, timeout=CLOSE_WAIT_SECONDS)
             for task in pending:
-                log.warning("job task %s did not end in time; cancelling it", task.get_name())
+                log.warning("task %s did not end in time; cancelling it", task.get_name())
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        queued, self._queue = list(self._queue), collections.deque()
-        if queued and self._started:
-            try:
-                async with asyncio.timeout(CLOSE_WAIT_SECONDS):
-                    async with self._connection() as conn:
-                        failed = await conn.fetch(
-                            sql.FAIL_QUEUED, [uuid.UUID(q) for q in queued], self.replica_id
-                        )
-                for row in failed:
-                    self._ended(row["kind"], job_pb2.JOB_STATE_FAILED)
-            except Exception as exc:  # their leases run out instead
-                log.warning("could not end %d queued jobs: %s", len(queued), _describe(exc))
+        held = dispatched | set(self._queue)
+        self._queue = collections.deque()
+        if held and self._started:
+            await self._fail_queued(held)
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    async def _fail_queued(self, ids: set[str]) -> None:
+        """Marks those of the jobs still QUEUED here FAILED (SERVER_STOPPING)."""
+        try:
+            async with asyncio.timeout(CLOSE_WAIT_SECONDS):
+                async with self._connection() as conn:
+                    failed = await conn.fetch(
+                        sql.FAIL_QUEUED, [uuid.UUID(i) for i in ids], self.replica_id
+                    )
+            for row in failed:
+                self._ended(row["kind"], job_pb2.JOB_STATE_FAILED)
+        except Exception as exc:  # their leases run out instead
+            log.warning("could not end %d queued jobs: %s", len(ids), _describe(exc))
 
     # -- requests --------------------------------------------------------------
 
@@ -249,8 +265,20 @@ class Jobs:
                 f"this server already holds {MAX_QUEUED_JOBS} queued jobs; retry later",
             )
         # Shielded: once the row is committed, the job must reach the queue (and so
-        # its lease renewals) even if the caller goes away meanwhile.
-        return await asyncio.shield(self._create(spec, kind, schedule, period_start))
+        # its lease renewals) even if the caller goes away meanwhile. close() waits
+        # for it, and cancels it (its transaction rolls back) only past its bound.
+        task = asyncio.create_task(
+            self._create(spec, kind, schedule, period_start), name="job-create"
+        )
+        self._creating.add(task)
+        task.add_done_callback(self._creating.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and current is not None and not current.cancelling():
+                raise _server_stopping() from None  # close() gave up on it, not our caller
+            raise
 
     async def _create(
         self,
@@ -260,25 +288,29 @@ class Jobs:
         period_start: datetime.datetime | None,
     ) -> job_pb2.Job | None:
         job_id = uuid.uuid4()
-        async with self._connection() as conn, conn.transaction():
-            if schedule:
-                claimed = await conn.fetchval(
-                    sql.CLAIM_PERIOD, schedule, period_start, job_id, self.replica_id
+        async with self._connection() as conn:
+            async with conn.transaction():
+                if schedule:
+                    claimed = await conn.fetchval(
+                        sql.CLAIM_PERIOD, schedule, period_start, job_id, self.replica_id
+                    )
+                    if claimed is None:
+                        return None
+                row = await conn.fetchrow(
+                    sql.INSERT_JOB,
+                    job_id,
+                    kind,
+                    spec.SerializeToString(deterministic=True),
+                    schedule,
+                    period_start,
+                    self.replica_id,
+                    self._lease,
                 )
-                if claimed is None:
-                    return None
-            row = await conn.fetchrow(
-                sql.INSERT_JOB,
-                job_id,
-                kind,
-                spec.SerializeToString(deterministic=True),
-                schedule,
-                period_start,
-                self.replica_id,
-                self._lease,
-            )
-        assert row is not None
-        self._queue.append(str(job_id))
+            assert row is not None
+            # Queued once committed (never before: START_JOB would not see the row)
+            # and before the connection's release, an await: close() then finds it
+            # in the queue, however late it stops us.
+            self._queue.append(str(job_id))
         self._dispatch()
         return sql.job_from_row(row)
 
@@ -421,7 +453,7 @@ class Jobs:
             functools.partial(self._write_progress, job_id), self._progress_interval
         )
         writer: asyncio.Task[None] | None = None
-        kind = ""
+        started = False
         try:
             async with self._connection() as conn:
                 spec_bytes = await conn.fetchval(
@@ -432,9 +464,9 @@ class Jobs:
                 )
             if spec_bytes is None:
                 return  # cancelled while queued, or its lease ran out
+            started = True
             spec = job_pb2.JobSpec.FromString(spec_bytes)
-            kind = spec.WhichOneof("kind") or ""
-            log.info("job %s started: %s", job_id, kind)
+            log.info("job %s started: %s", job_id, spec.WhichOneof("kind"))
             writer = asyncio.create_task(progress.write_forever(), name=f"job-progress-{job_id}")
             result = await self._executor.run(spec, progress)
             outcome = _Outcome("SUCCEEDED", result=result.SerializeToString(deterministic=True))
@@ -442,11 +474,11 @@ class Jobs:
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
-            outcome = self._stopped(run)
+            outcome = self._stopped(run, started=started)
         except Exception as exc:
             if run.stop_reason:
                 # The cancellation surfaced as another error; it is still why the job ended.
-                outcome = self._stopped(run)
+                outcome = self._stopped(run, started=started)
             else:
                 error = to_service_error(exc)
                 outcome = _Outcome("FAILED", error=(error.code.value, error.reason, error.message))
@@ -455,9 +487,9 @@ class Jobs:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
-        await self._finish(job_id, kind, outcome, progress.latest)
+        await self._finish(job_id, outcome, progress.latest)
 
-    def _stopped(self, run: _Run) -> _Outcome:
+    def _stopped(self, run: _Run, *, started: bool) -> _Outcome:
         if run.stop_reason == _CANCEL:
             return _Outcome("CANCELLED", error=("CANCELLED", "CANCELLED", "cancelled by CancelJob"))
         if run.stop_reason == _LOST:
@@ -474,7 +506,8 @@ class Jobs:
             error=(
                 "UNAVAILABLE",
                 "SERVER_STOPPING",
-                f"replica {self.replica_id} stopped while the job ran",
+                f"replica {self.replica_id} stopped "
+                + ("while the job ran" if started else "before the job could start"),
             ),
         )
 
@@ -489,9 +522,7 @@ class Jobs:
                 progress.unit,
             )
 
-    async def _finish(
-        self, job_id: str, kind: str, outcome: _Outcome, progress: job_pb2.JobProgress
-    ) -> None:
+    async def _finish(self, job_id: str, outcome: _Outcome, progress: job_pb2.JobProgress) -> None:
         """Records how the job ended, retrying while the database is briefly away."""
         code, reason, message = outcome.error or (None, None, None)
         give_up_at = time.monotonic() + (CLOSE_WAIT_SECONDS if self._closing else self._lease)
@@ -499,7 +530,7 @@ class Jobs:
         while True:
             try:
                 async with self._connection() as conn:
-                    status = await conn.execute(
+                    ended_kind = await conn.fetchval(
                         sql.FINISH_JOB,
                         uuid.UUID(job_id),
                         self.replica_id,
@@ -513,11 +544,11 @@ class Jobs:
                         progress.total,
                         progress.unit,
                     )
-                if status == "UPDATE 1":
+                if ended_kind is not None:
                     log.info(
                         "job %s ended %s%s", job_id, outcome.state, f" ({reason})" if reason else ""
                     )
-                    self._ended(kind, sql.STATES_BY_NAME[outcome.state])
+                    self._ended(ended_kind, sql.STATES_BY_NAME[outcome.state])
                 return
             except Exception as exc:
                 if time.monotonic() + delay > give_up_at:
@@ -673,7 +704,14 @@ class Jobs:
         try:
             yield conn
         finally:
-            await pool.release(conn)
+            # The timeout is explicit because asyncpg would otherwise reuse the acquire
+            # timeout and, past it, drop a connection whose cancelled statement it was
+            # still waiting for without cancelling that statement: a START_JOB or
+            # FINISH_JOB could then commit in PostgreSQL after the runner gave up on it
+            # (see Database.connection). The pool's command_timeout (statement_timeout)
+            # bounds the wait anyway; connect_timeout covers the cancel request.
+            release_timeout = self._settings.statement_timeout + self._settings.connect_timeout
+            await pool.release(conn, timeout=release_timeout)
 
 
 def _describe(exc: BaseException) -> str:

@@ -124,13 +124,14 @@ class Scheduler:
         return started
 
     async def list(self) -> list[job_pb2.Schedule]:
-        """Every configured schedule with its next run, latest job and success rate."""
+        """Every configured schedule, sorted by name, with its next run, latest job and
+        success rate."""
         if not self.schedules:
             return []
         history = await self._jobs.schedule_history([s.name for s in self.schedules])
         now = self._clock()
         listed = []
-        for config in self.schedules:
+        for config in sorted(self.schedules, key=lambda s: s.name):
             seen = history[config.name]
             schedule = job_pb2.Schedule(
                 name=config.name,
