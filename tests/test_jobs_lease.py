@@ -1,6 +1,6 @@
 """A job whose server dies is marked FAILED when its lease runs out, by another replica.
 
-The dying server is a real `raptorflow-data serve` process with a one-second
+The dying server is a real `raptorflow-data serve` process with a two-second
 lease; the test starts a job through it that waits for a lock the test holds,
 kills the process with SIGKILL (no shutdown code runs), and watches the job
 through an in-process server whose sweeper expires the lease.
@@ -28,7 +28,9 @@ from server_process import free_port, spawn_serve, wait_until_serving
 pb = maintenance_service_pb2
 Stub = maintenance_service_pb2_grpc.MaintenanceServiceStub
 LEASE_TABLE = "jobs_lease_target"
-LEASE_SECONDS = 1.0
+# Renewed every third of it: a stall of the dying server's loop shorter than two thirds
+# (1.3 s) expires nothing, which a loaded 2-core CI machine needs.
+LEASE_SECONDS = 2.0
 log = logging.getLogger(__name__)
 
 
@@ -92,8 +94,8 @@ async def test_job_of_a_killed_server_fails_when_its_lease_runs_out(
         running = await next_job(watch)
         assert running.state == job_pb2.JOB_STATE_RUNNING
         assert running.replica == job.replica != sweeper.maintenance.jobs.replica_id
-        # Three lease lengths: the dying server renews meanwhile, so nothing expires.
-        await asyncio.sleep(3 * LEASE_SECONDS)
+        # Over two lease lengths: the dying server renews meanwhile, so nothing expires.
+        await asyncio.sleep(2.5 * LEASE_SECONDS)
         assert (await Stub(channel).GetJob(pb.GetJobRequest(job_id=job.job_id))).job == running
 
         process.send_signal(signal.SIGKILL)

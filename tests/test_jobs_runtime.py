@@ -134,9 +134,10 @@ async def test_jobs_beyond_the_slots_wait_queued(server: RunningServer, settings
 async def test_a_renewed_lease_outlives_its_length(
     server: RunningServer, settings: Settings
 ) -> None:
-    async with job_runtime(settings, job_lease_seconds=1.0) as jobs:
-        job = await submitted(jobs, scripted("sleep 2.5"))
-        # The runtime's own sweeper runs every 0.5 s meanwhile; nothing expires.
+    # Renewed every 0.67 s: only a stall of the loop over 1.3 s could let it run out.
+    async with job_runtime(settings, job_lease_seconds=2.0) as jobs:
+        job = await submitted(jobs, scripted("sleep 4.5"))
+        # The runtime's own sweeper runs every second meanwhile; nothing expires.
         final = await ended(jobs, job.job_id)
     assert final.state == SUCCEEDED
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import itertools
 import json
 import time
 import uuid
@@ -313,13 +314,25 @@ async def test_two_servers_run_each_period_exactly_once(
             entry(name, {"analyze": {"tables": ["campaigns"]}}, interval_seconds=1)
         ),
     )
+    before = time.time()
     servers = [await start_server(changed), await start_server(changed)]
     began = time.time()
     try:
-        await asyncio.sleep(4.2)
+        # Until four periods ran (about four seconds; more on a loaded machine).
+        started = time.monotonic()
+        while (
+            await db.fetchval(
+                "SELECT count(DISTINCT period_start) FROM raptorflow_data.jobs WHERE schedule = $1",
+                name,
+            )
+            < 4
+        ):
+            assert time.monotonic() - started < 20.0, "the schedule did not run four periods"
+            await asyncio.sleep(0.1)
     finally:
         for running in servers:
             await running.stop(grace=1.0)
+    ended = time.time()
     rows = await db.fetch(
         "SELECT period_start, count(*) AS jobs, array_agg(state) AS states, array_agg(replica)"
         " AS replicas FROM raptorflow_data.jobs WHERE schedule = $1"
@@ -329,9 +342,14 @@ async def test_two_servers_run_each_period_exactly_once(
     periods = [r["period_start"].timestamp() for r in rows]
     assert len(periods) >= 4, rows
     assert all(r["jobs"] == 1 for r in rows), rows
-    # Consecutive whole seconds, from the one under way when the servers started.
-    assert periods == [periods[0] + i for i in range(len(periods))]
-    assert periods[0] <= began + 1
+    # Whole seconds, from the one under way when the servers started. (A period may be
+    # skipped when neither server ticked within it, as when the loop stalls on a loaded
+    # machine: only the latest period runs, by design. Mostly they are consecutive.)
+    assert all(p == int(p) for p in periods), periods
+    assert before - 1 < periods[0] <= began + 1
+    assert periods[-1] <= ended
+    gaps = [b - a for a, b in itertools.pairwise(periods)]
+    assert gaps.count(1.0) >= len(gaps) // 2, periods
     replicas = {s.maintenance.jobs.replica_id for s in servers}
     assert {r["replicas"][0] for r in rows} <= replicas
     claims = await db.fetchval(
@@ -357,10 +375,11 @@ async def test_list_schedules_through_the_service(
             stub = Stub(channel)
             started = time.monotonic()
             while True:
+                listed_at = datetime.datetime.now(UTC)
                 listed = (await stub.ListSchedules(pb.ListSchedulesRequest())).schedules
                 if all(s.run_count >= 2 for s in listed):
                     break
-                assert time.monotonic() - started < 10.0, listed
+                assert time.monotonic() - started < 20.0, listed
                 await asyncio.sleep(0.2)
     finally:
         await running.stop(grace=1.0)
@@ -377,8 +396,9 @@ async def test_list_schedules_through_the_service(
         assert last_bad.error.reason == "TABLE_CHANGED"
     for schedule in listed:
         assert schedule.interval_seconds == 1.0
-        assert schedule.next_run_time.ToDatetime(tzinfo=UTC) > datetime.datetime.now(UTC) - (
-            datetime.timedelta(seconds=2)
+        # After the time of the listing (not of this check: the stop took a while since).
+        assert schedule.next_run_time.ToDatetime(tzinfo=UTC) > listed_at - (
+            datetime.timedelta(seconds=1)
         )
     # The module's own server has no schedules.
     async with grpc.aio.insecure_channel(server.address) as channel:
