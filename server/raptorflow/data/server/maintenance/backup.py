@@ -33,7 +33,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from raptorflow.data.server.config import Settings
@@ -106,15 +106,17 @@ class Backups:
 
     async def export(
         self, request: pb.ExportBackupRequest, deadline: Deadline
-    ) -> AsyncIterator[pb.ExportBackupResponse]:
+    ) -> AsyncGenerator[pb.ExportBackupResponse, None]:
         """Streams header, chunks and manifest of one consistent snapshot."""
         scope = await self.resolve_scope(request.scope, "scope")
         chunk_bytes = backup_stream.chunk_bytes(request.chunk_bytes)
         budget = deadline.timeout(self._settings.backup_timeout)
-        async for message in self._export(
+        messages = self._export(
             scope, chunk_bytes, budget, self._settings.acquire_timeout, backup_stream.Report()
-        ):
-            yield message
+        )
+        async with contextlib.aclosing(messages):
+            async for message in messages:
+                yield message
 
     async def restore(
         self, requests: AsyncIterator[pb.RestoreBackupRequest], deadline: Deadline
@@ -318,7 +320,7 @@ class Backups:
         budget: float,
         wait: float | None,
         report: backup_stream.Report,
-    ) -> AsyncIterator[pb.ExportBackupResponse]:
+    ) -> AsyncGenerator[pb.ExportBackupResponse, None]:
         queue: asyncio.Queue[pb.ExportBackupResponse | backup_stream.Ended] = asyncio.Queue(
             _QUEUED_MESSAGES
         )

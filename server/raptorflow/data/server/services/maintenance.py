@@ -8,6 +8,7 @@ Errors are mapped by `@rpc_errors` / `@stream_errors`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -40,10 +41,12 @@ class MaintenanceServicer(maintenance_service_pb2_grpc.MaintenanceServiceService
     async def ExportBackup(
         self, request: pb.ExportBackupRequest, context: Context
     ) -> AsyncIterator[pb.ExportBackupResponse]:
-        async for response in self._backups.export(
-            request, Deadline.after(context.time_remaining())
-        ):
-            yield response
+        # Closed with this generator (stream_errors closes it when the call ends), so the
+        # export's COPY ends and its connection goes back at once.
+        messages = self._backups.export(request, Deadline.after(context.time_remaining()))
+        async with contextlib.aclosing(messages):
+            async for response in messages:
+                yield response
 
     @rpc_errors
     async def RestoreBackup(

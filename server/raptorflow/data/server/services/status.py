@@ -9,8 +9,10 @@ reaches the caller, and nothing is UNKNOWN.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -105,8 +107,15 @@ def stream_errors(
     async def wrapper(
         self: Servicer, request: Request, context: grpc.aio.ServicerContext[Request, Response]
     ) -> AsyncIterator[Response]:
+        stream = method(self, request, context)
+        if isinstance(stream, AsyncGenerator):
+            # grpc-stubs types the callback as its nominal DoneCallback class; any
+            # callable taking the context is what grpc.aio calls.
+            context.add_done_callback(
+                functools.partial(_close_when_done, stream)  # type: ignore[arg-type]
+            )
         try:
-            async for response in method(self, request, context):
+            async for response in stream:
                 yield response
         except grpc.aio.AbortError:
             raise
@@ -114,3 +123,27 @@ def stream_errors(
             await abort_with(context, to_service_error(exc))
 
     return wrapper
+
+
+# Streams being closed after their call ended; kept so the tasks are not collected early.
+_closing: set[asyncio.Task[None]] = set()
+
+
+def _close_when_done(stream: AsyncGenerator[Any, None], _context: object) -> None:
+    """Closes a streaming handler's generator once its call ended.
+
+    grpc.aio leaves a handler's generator suspended, unclosed, when the call is
+    cancelled while a message waits to be sent, and only garbage collection
+    closes it later. Until then its `finally` and `async with` blocks have not
+    run: a backup's COPY kept its owner connection idle in a transaction, a
+    snapshot its pool connection. Closing it when the call ends runs them at once.
+    """
+    task = asyncio.get_running_loop().create_task(_close(stream))
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+async def _close(stream: AsyncGenerator[Any, None]) -> None:
+    # A generator still running is unwinding by itself (the cancel reached it).
+    with contextlib.suppress(RuntimeError):
+        await stream.aclose()
