@@ -38,6 +38,7 @@ from raptorflow.data.server.observability.monitoring import Monitoring
 from raptorflow.data.server.services.maintenance import MaintenanceServicer
 from raptorflow.data.server.services.memory_sync import MemorySyncServicer
 from raptorflow.data.server.services.monitoring import MonitoringServicer
+from raptorflow.data.server.services.requests import RequestDecoding
 from raptorflow.data.server.services.workspace import WorkspaceServicer
 from raptorflow.data.server.sync.streams import SyncStreams
 from raptorflow.data.v1 import (
@@ -183,8 +184,9 @@ def build_server(
 ) -> grpc.aio.Server:
     """The grpc.aio server with every servicer, health and reflection added (not started)."""
     server = grpc.aio.server(
-        # Measures every call (latency window, metrics, one log line each).
-        interceptors=[monitoring.interceptor],
+        # The first measures every call (latency window, metrics, one log line each),
+        # also those the second refuses: requests that do not decode, as INVALID_ARGUMENT.
+        interceptors=[monitoring.interceptor, RequestDecoding()],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),

@@ -146,7 +146,8 @@ class MethodCalls:
                 "duration_ms": round(milliseconds, 3),
             }
             if self.has_workspace and request is not None:
-                workspace = request.workspace_id
+                # A request that did not decode is a `Malformed`, without the field.
+                workspace = getattr(request, "workspace_id", "")
                 if workspace:
                     extra["workspace"] = workspace[:_MAX_WORKSPACE_CHARS]
             rpc_log.info("%s %s %.1f ms", self.method, status, milliseconds, extra=extra)
@@ -169,8 +170,12 @@ def _has_workspace(handler: grpc.RpcMethodHandler[Any, Any]) -> bool:
     """Whether the method takes one request message with a string `workspace_id` field."""
     if handler.request_streaming:
         return False
-    # Generated handlers deserialize with `RequestClass.FromString`.
-    message_class = getattr(handler.request_deserializer, "__self__", None)
+    # Generated handlers deserialize with `RequestClass.FromString`; the request
+    # decoding interceptor (`services/requests.py`) names the class it decodes.
+    deserializer = handler.request_deserializer
+    message_class = getattr(deserializer, "message_class", None) or getattr(
+        deserializer, "__self__", None
+    )
     descriptor = getattr(message_class, "DESCRIPTOR", None)
     fields = getattr(descriptor, "fields_by_name", None)
     field = fields.get("workspace_id") if fields is not None else None
