@@ -22,7 +22,8 @@ from messages import update_request
 from pg_activity import CLEAR_SNAPSHOT, insert_row, lock_row, wait_for_lock_waits
 from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
-from raptorflow.data.server.db.connections import Deadline, current_caller
+from raptorflow.data.server.db.activity import current_caller
+from raptorflow.data.server.db.connections import Deadline
 from raptorflow.data.v1 import (
     monitoring_service_pb2,
     monitoring_service_pb2_grpc,

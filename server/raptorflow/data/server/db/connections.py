@@ -6,14 +6,14 @@ a small job pool, also the owner's, keeps the job history table; the session
 connection answers health checks, so a busy pool never makes the service look
 dead. Pooled connections carry no session state:
 the per-call deadline travels with each statement, so the pool needs no reset
-query on release.
+query on release. What the module records about its own use (holds, slow
+statements, checks) is in `activity.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import functools
 import logging
 import time
@@ -25,6 +25,15 @@ import asyncpg
 import tenacity
 from raptorflow.data.server.config import Settings
 from raptorflow.data.server.db import codecs
+from raptorflow.data.server.db.activity import (
+    MAX_STATEMENT_CHARS,
+    DatabaseCheck,
+    Hold,
+    PoolSnapshot,
+    SlowStatement,
+    caller_name,
+    current_caller,
+)
 from raptorflow.data.server.errors import Code, ServiceError
 
 log = logging.getLogger(__name__)
@@ -61,96 +70,6 @@ def owner_pool_max_size(settings: Settings) -> int:
 Connection: TypeAlias = (
     "asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 )
-
-
-# Who a connection is acquired for: the RPC method, set per call by the RPC
-# interceptor (observability/interceptor.py). Empty outside a call; then the
-# asyncio task's name stands in. A plain string, so this layer needs no gRPC.
-current_caller: contextvars.ContextVar[str] = contextvars.ContextVar(
-    "raptorflow_current_caller", default=""
-)
-
-
-def caller_name() -> str:
-    """The RPC method this code runs for, or the name of its asyncio task."""
-    caller = current_caller.get()
-    if caller:
-        return caller
-    task = asyncio.current_task()
-    return task.get_name() if task is not None else "unknown"
-
-
-class Hold:
-    """One acquisition of a query-pool connection, from acquire until release or reclaim."""
-
-    __slots__ = ("acquired_at", "connection", "holder", "long_lived", "reclaimed")
-
-    def __init__(self, holder: str, connection: Connection, long_lived: bool) -> None:
-        self.holder = holder
-        """The RPC method or background task that holds it."""
-        self.connection = connection
-        self.acquired_at = time.monotonic()
-        """When it was acquired, on the monotonic clock."""
-        self.long_lived = long_lived
-        """Held on purpose for as long as a stream runs: never counted as a leak."""
-        self.reclaimed = False
-        """The leak watchdog took it back; the holder must not release it again."""
-
-    def held_seconds(self, now: float | None = None) -> float:
-        return (time.monotonic() if now is None else now) - self.acquired_at
-
-    def acquire_time(self) -> float:
-        """When it was acquired, as a Unix time."""
-        return time.time() - self.held_seconds()
-
-    def backend_pid(self) -> int:
-        """The PostgreSQL backend of the connection; 0 once it is no longer held."""
-        try:
-            return int(self.connection.get_server_pid())
-        except (asyncpg.InterfaceError, AttributeError):
-            return 0
-
-
-@dataclass(frozen=True)
-class SlowStatement:
-    """A statement that ran at least `slow_query_seconds`: its text, never its values."""
-
-    statement: str
-    """The SQL text with its $n placeholders, at most `MAX_STATEMENT_CHARS` characters."""
-    caller: str
-    """The RPC method (or background task) it ran for."""
-    seconds: float
-    end_time: float
-    """When it ended, as a Unix time."""
-    sqlstate: str
-    """The SQLSTATE it failed with; empty if it succeeded (or failed without one)."""
-
-
-@dataclass(frozen=True)
-class DatabaseCheck:
-    """The outcome of the latest check on the session connection."""
-
-    reachable: bool
-    seconds: float
-    """How long the check took (including a reconnect, if it needed one)."""
-    check_time: float
-    """When it ran, as a Unix time."""
-    server_version: str
-    """PostgreSQL's server_version, read once per session connection; empty until known."""
-
-
-@dataclass(frozen=True)
-class PoolSnapshot:
-    """The query pool's figures at one moment."""
-
-    size: int
-    in_use: int
-    idle: int
-    waiting: int
-    max_size: int
-
-
-MAX_STATEMENT_CHARS = 1000
 
 
 @dataclass(frozen=True)

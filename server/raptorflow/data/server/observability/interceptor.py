@@ -12,7 +12,7 @@ view's latency window (`latency.py`), the Prometheus counters and histograms
 request that has that field; never any other field of a request), `status`
 and `duration_ms`.
 
-While a call runs, its method name is in `db.connections.current_caller`, so
+While a call runs, its method name is in `db.activity.current_caller`, so
 the database layer can say who holds a connection or ran a slow statement.
 
 An interceptor only sees the handler lookup, so the measuring happens in a
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from raptorflow.data.server.db.connections import current_caller
+from raptorflow.data.server.db.activity import current_caller
 from raptorflow.data.server.observability.latency import MethodWindow, SliceClock
 
 rpc_log = logging.getLogger("raptorflow.data.rpc")

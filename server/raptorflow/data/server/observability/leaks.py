@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 
-from raptorflow.data.server.db.connections import Database, Hold
+from raptorflow.data.server.db.activity import Hold
+from raptorflow.data.server.db.connections import Database
 
 log = logging.getLogger(__name__)
 

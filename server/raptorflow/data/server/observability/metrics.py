@@ -51,7 +51,7 @@ from prometheus_client.metrics_core import (
     HistogramMetricFamily,
     Metric,
 )
-from raptorflow.data.server.db.connections import DatabaseCheck, PoolSnapshot
+from raptorflow.data.server.db.activity import DatabaseCheck, PoolSnapshot
 from raptorflow.data.server.observability.interceptor import DURATION_BOUNDS
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from raptorflow.data.server.db.connections import SlowStatement
+from raptorflow.data.server.db.activity import SlowStatement
 
 LIMIT = 50
 
