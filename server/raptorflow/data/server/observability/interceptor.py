@@ -31,12 +31,19 @@ import enum
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from raptorflow.data.server.db.activity import current_caller
+from raptorflow.data.server.handler_wrapping import (
+    Behavior,
+    Handler,
+    WrappingInterceptor,
+    behavior_of,
+    rebuilt,
+)
 from raptorflow.data.server.observability.latency import MethodWindow, SliceClock
 
 rpc_log = logging.getLogger("raptorflow.data.rpc")
@@ -182,9 +189,6 @@ def _has_workspace(handler: grpc.RpcMethodHandler[Any, Any]) -> bool:
     return field is not None and field.type == field.TYPE_STRING
 
 
-Behavior = Callable[..., Any]
-
-
 def _coroutine(calls: MethodCalls, behavior: Behavior, unary: bool) -> Behavior:
     method = calls.method
 
@@ -229,49 +233,18 @@ def _generator(calls: MethodCalls, behavior: Behavior, unary: bool) -> Behavior:
     return observed
 
 
-_FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
-
-class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class RpcObserver(WrappingInterceptor):
     """The interceptor: wraps each method's handler once, and records every call."""
 
     def __init__(self, clock: SliceClock, log_policy: LogPolicy) -> None:
+        super().__init__()
         self._clock = clock
         self._log_policy = log_policy
-        # By method: the handler gRPC found and the wrapper handed back for it.
-        self._handlers: dict[str, tuple[Any, Any]] = {}
         self.methods: dict[str, MethodCalls] = {}
         """Every method called so far, by full method name."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        known = self._handlers.get(method)
-        if known is not None and known[0] is handler:
-            return known[1]
-        wrapped = self._wrap(method, handler)
-        self._handlers[method] = (handler, wrapped)
-        return wrapped
-
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> Any:
-        streaming = (bool(handler.request_streaming), bool(handler.response_streaming))
-        behavior: Behavior | None = {
-            (False, False): handler.unary_unary,
-            (False, True): handler.unary_stream,
-            (True, False): handler.stream_unary,
-            (True, True): handler.stream_stream,
-        }[streaming]
+    def wrap(self, method: str, handler: Handler) -> Any:
+        behavior = behavior_of(handler)
         if behavior is None:
             return handler
         calls = self.methods.get(method)
@@ -279,7 +252,7 @@ class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             calls = self.methods[method] = MethodCalls(
                 method, self._clock, _has_workspace(handler), self._log_policy
             )
-        unary = not streaming[0]
+        unary = not handler.request_streaming
         if inspect.isasyncgenfunction(behavior):
             observed = _generator(calls, behavior, unary)
         elif inspect.iscoroutinefunction(behavior):
@@ -287,8 +260,4 @@ class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             observed = _coroutine(calls, behavior, unary)
         else:
             return handler  # a synchronous handler: this server has none
-        return _FACTORIES[streaming](
-            observed,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return rebuilt(handler, observed)

@@ -20,16 +20,22 @@ more async generator step).
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 from raptorflow.data.server.errors import Code, ServiceError
+from raptorflow.data.server.handler_wrapping import (
+    Behavior,
+    Handler,
+    WrappingInterceptor,
+    behavior_of,
+    rebuilt,
+)
 from raptorflow.data.server.services.status import abort_with
 
 REASON = "MALFORMED_REQUEST"
 
-Behavior = Callable[..., Any]
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -110,50 +116,19 @@ def _streaming_generator(behavior: Behavior, error: ServiceError) -> Behavior:
     return checked
 
 
-_FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
-
-class RequestDecoding(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class RequestDecoding(WrappingInterceptor):
     """The interceptor: hands back each method's handler with a `RequestDecoder` and a
     behaviour that aborts on `Malformed`, built once per method."""
 
-    def __init__(self) -> None:
-        # By method: the handler gRPC found and the wrapper handed back for it.
-        self._handlers: dict[str, tuple[Any, Any]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        known = self._handlers.get(method)
-        if known is not None and known[0] is handler:
-            return known[1]
-        wrapped = _wrap(handler)
-        self._handlers[method] = (handler, wrapped)
-        return wrapped
+    def wrap(self, method: str, handler: Handler) -> Any:
+        return _wrap(handler)
 
 
 def _wrap(handler: grpc.RpcMethodHandler[Any, Any]) -> Any:
     deserializer = handler.request_deserializer
     if deserializer is None:
         return handler  # the handler takes raw bytes: nothing can fail to decode
-    streaming = (bool(handler.request_streaming), bool(handler.response_streaming))
-    behavior: Behavior | None = {
-        (False, False): handler.unary_unary,
-        (False, True): handler.unary_stream,
-        (True, False): handler.stream_unary,
-        (True, True): handler.stream_stream,
-    }[streaming]
+    behavior = behavior_of(handler)
     if behavior is None:
         return handler
     # Generated handlers deserialize with `RequestClass.FromString`.
@@ -164,12 +139,8 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any]) -> Any:
     generator = inspect.isasyncgenfunction(behavior)
     if not generator and not inspect.iscoroutinefunction(behavior):
         return handler  # a synchronous handler: this server has none
-    if streaming[0]:
+    if handler.request_streaming:
         checked = (_streaming_generator if generator else _streaming)(behavior, error)
     else:
         checked = (_unary_generator if generator else _unary)(behavior, error)
-    return _FACTORIES[streaming](
-        checked,
-        request_deserializer=RequestDecoder(message_class, deserializer),
-        response_serializer=handler.response_serializer,
-    )
+    return rebuilt(handler, checked, RequestDecoder(message_class, deserializer))
