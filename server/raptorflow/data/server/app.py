@@ -10,7 +10,6 @@ period, then the pools close last.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -41,6 +40,7 @@ from raptorflow.data.server.services.monitoring import MonitoringServicer
 from raptorflow.data.server.services.requests import RequestDecoding
 from raptorflow.data.server.services.workspace import WorkspaceServicer
 from raptorflow.data.server.sync.streams import SyncStreams
+from raptorflow.data.server.tasks import cancel_and_wait
 from raptorflow.data.v1 import (
     maintenance_service_pb2,
     maintenance_service_pb2_grpc,
@@ -109,11 +109,7 @@ class RunningServer:
         await self.server.stop(grace)
         await self.maintenance.jobs.close()
         await self.monitoring.close()
-        for task in self.background:
-            task.cancel()
-        for task in self.background:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self.background)
         await self.database.close()
         log.info("stopped")
 

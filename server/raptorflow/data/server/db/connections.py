@@ -35,6 +35,7 @@ from raptorflow.data.server.db.activity import (
     current_caller,
 )
 from raptorflow.data.server.errors import Code, ServiceError
+from raptorflow.data.server.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -305,11 +306,7 @@ class Database:
 
     async def _stop_listeners(self) -> None:
         listeners, self._listeners = self._listeners, []
-        for task in listeners:
-            task.cancel()
-        for task in listeners:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(listeners)
 
     # -- access --------------------------------------------------------------
 

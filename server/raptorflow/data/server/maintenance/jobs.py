@@ -62,6 +62,7 @@ from raptorflow.data.server.maintenance import job_queries as sql
 from raptorflow.data.server.maintenance.executor import JobExecutor
 from raptorflow.data.server.maintenance.job_pages import JobPageTokens
 from raptorflow.data.server.maintenance.job_progress import JobProgress
+from raptorflow.data.server.tasks import cancel_and_wait
 from raptorflow.data.v1 import job_pb2, maintenance_service_pb2
 
 log = logging.getLogger(__name__)
@@ -216,11 +217,7 @@ class Jobs:
         if held and self._started:
             await self._fail_queued(held)
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(tasks)
 
     async def _fail_queued(self, ids: set[str]) -> None:
         """Marks those of the jobs still QUEUED here FAILED (SERVER_STOPPING)."""

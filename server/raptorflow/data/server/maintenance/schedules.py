@@ -19,7 +19,6 @@ tick, so tests drive cron schedules through days of fake time at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import logging
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from raptorflow.data.server.maintenance.schedule_config import (
     ScheduleConfigError,
     load_schedules,
 )
+from raptorflow.data.server.tasks import cancel_and_wait
 from raptorflow.data.v1 import job_pb2
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,7 @@ class Scheduler:
     async def close(self) -> None:
         """Stops the scheduling loop; jobs already started keep running under Jobs."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait([task])
 
     async def _run_forever(self) -> None:
         while True:

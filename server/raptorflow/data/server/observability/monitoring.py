@@ -12,7 +12,6 @@ background), so it answers even while the database is down.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -31,6 +30,7 @@ from raptorflow.data.server.observability.metrics import (
     RpcSeries,
 )
 from raptorflow.data.server.observability.slow_queries import SlowQueries
+from raptorflow.data.server.tasks import cancel_and_wait
 from raptorflow.data.v1 import job_pb2, monitoring_service_pb2
 
 log = logging.getLogger(__name__)
@@ -87,11 +87,8 @@ class Monitoring:
 
     async def close(self) -> None:
         """Stops the watchdog and the metrics endpoint."""
-        if self._watching is not None:
-            self._watching.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watching
-            self._watching = None
+        watching, self._watching = self._watching, None
+        await cancel_and_wait([watching])
         if self._endpoint is not None:
             await self._endpoint.stop()
             self._endpoint = None

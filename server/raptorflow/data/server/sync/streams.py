@@ -78,7 +78,6 @@ pruned entry is refused with RESNAPSHOT_REQUIRED.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import secrets
@@ -104,6 +103,7 @@ from raptorflow.data.server.sync.tokens import (
     covers,
     fingerprint,
 )
+from raptorflow.data.server.tasks import cancel_and_wait
 from raptorflow.data.v1 import memory_sync_service_pb2, value_pb2
 
 pb = memory_sync_service_pb2
@@ -234,11 +234,7 @@ class SyncStreams:
         self._closed.set()
         self._wakeups.wake_all()
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(tasks)
         self._currents.cancel_all()
         self._pages.cancel_all()
 
