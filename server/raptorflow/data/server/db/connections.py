@@ -165,15 +165,7 @@ class Database:
     async def open_owner(self) -> None:
         """Connects the owner pool (migrations, catalog reloads, maintenance), retrying while the
         database is unreachable."""
-        async for attempt in self._retrying():
-            with attempt:
-                self._owner_pool = await asyncpg.create_pool(
-                    self._settings.effective_owner_url,
-                    min_size=1,
-                    max_size=owner_pool_max_size(self._settings),
-                    reset=_no_reset,
-                    **self._connect_kwargs(as_app_role=False),
-                )
+        self._owner_pool = await self._connect_as_owner(owner_pool_max_size(self._settings))
 
     async def open_jobs(self) -> None:
         """Connects the job pool: the owner's own small pool for the job history table.
@@ -182,17 +174,24 @@ class Database:
         maintenance work, which holds owner-pool connections for as long as a
         VACUUM or a backup runs: a lease that waits for a connection would expire.
         """
+        # Every statement of the job runner, bounded on the client side too.
+        self._job_pool = await self._connect_as_owner(
+            JOB_POOL_MAX_SIZE, command_timeout=self._settings.statement_timeout
+        )
+
+    async def _connect_as_owner(self, max_size: int, **options: Any) -> asyncpg.Pool:
+        """A pool on the owner's connection string, retrying while the database is unreachable."""
         async for attempt in self._retrying():
             with attempt:
-                self._job_pool = await asyncpg.create_pool(
+                return await asyncpg.create_pool(
                     self._settings.effective_owner_url,
                     min_size=1,
-                    max_size=JOB_POOL_MAX_SIZE,
+                    max_size=max_size,
                     reset=_no_reset,
-                    # Every statement of the job runner, bounded on the client side too.
-                    command_timeout=self._settings.statement_timeout,
+                    **options,
                     **self._connect_kwargs(as_app_role=False),
                 )
+        raise AssertionError("tenacity re-raises the last failure")
 
     async def open_queries(self) -> None:
         """Connects the query pool and the session connection."""
