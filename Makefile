@@ -79,11 +79,13 @@ lint: $(VENV_STAMP) $(BUF_STAMP) ## ruff, ruff format --check, mypy --strict, bu
 
 # With the embedded database, a demo table (tools/dev_schema.py) makes the
 # README's walkthrough work on the first run; your own DATABASE_URL is left alone.
+# tools/dev_auth.py keeps a dev token key in .devdb/ and prints an admin token.
 run: $(VENV_STAMP) ## Serve on $RAPTORFLOW_LISTEN (default 127.0.0.1:50051)
 ifeq ($(strip $(DATABASE_URL)),)
 	$(call with_database,raptorflow_dev) $(PY) tools/dev_schema.py
 endif
-	$(call with_database,raptorflow_dev) $(VENV)/bin/raptorflow-data serve --listen $(RAPTORFLOW_LISTEN)
+	$(call with_database,raptorflow_dev) $(PY) tools/dev_auth.py -- \
+	  $(VENV)/bin/raptorflow-data serve --listen $(RAPTORFLOW_LISTEN)
 
 # pytest's exit status reaches make unchanged (5 when no test ran), so a run
 # that tested nothing fails.

@@ -37,6 +37,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+from raptorflow.data.client import bearer_auth
 from raptorflow.data.server.config import Settings
 from raptorflow.data.server.db import compiler
 from raptorflow.data.server.db.catalog import load_catalog
@@ -175,7 +176,9 @@ class Bench:
         """One real point-select response, raw: the echo server answers with these bytes."""
         assert self.data_server is not None
         request = point_select(self.db.workspace_id, database.TABLE, self.ids[0])
-        async with grpc.aio.insecure_channel(self.data_server.address) as channel:
+        async with grpc.aio.insecure_channel(
+            self.data_server.address, interceptors=bearer_auth(processes.bench_token())
+        ) as channel:
             raw: bytes = await channel.unary_unary(METHOD)(request.SerializeToString(), timeout=10)
         response = workspace_service_pb2.SelectResponse.FromString(raw)
         if len(response.rows) != 1 or len(response.columns) != 5:

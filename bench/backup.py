@@ -37,6 +37,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+from raptorflow.data.client import bearer_auth
 from raptorflow.data.v1 import job_pb2, maintenance_service_pb2, maintenance_service_pb2_grpc
 
 from bench import database, processes, report
@@ -174,7 +175,9 @@ async def measure(run: Run, rounds: int) -> dict[str, list[float]]:
     conn = await asyncpg.connect(run.url)
     try:
         async with grpc.aio.insecure_channel(
-            run.address, options=[("grpc.max_receive_message_length", 64 << 20)]
+            run.address,
+            options=[("grpc.max_receive_message_length", 64 << 20)],
+            interceptors=bearer_auth(processes.bench_token()),
         ) as channel:
             stub = maintenance_service_pb2_grpc.MaintenanceServiceStub(channel)
             dumps: dict[str, Callable[[], Awaitable[None]]] = {

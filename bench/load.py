@@ -35,6 +35,8 @@ import grpc
 import uvloop
 from raptorflow.data.v1 import query_pb2, value_pb2, workspace_service_pb2
 
+from bench.processes import auth_metadata
+
 _SERVICE = workspace_service_pb2.DESCRIPTOR.services_by_name["WorkspaceService"]
 METHOD = f"/{_SERVICE.full_name}/{_SERVICE.methods_by_name['Select'].name}"
 
@@ -74,10 +76,14 @@ class Worker:
             for i in command["ids"]
         ]
         methods = [channel.unary_unary(METHOD) for channel in channels]
+        # The echo server gets the same token, so both carry the same bytes.
+        metadata = auth_metadata()
 
         def bind(method: Any) -> Call:
             def call(i: int) -> Awaitable[object]:
-                return method(requests[i % len(requests)])  # type: ignore[no-any-return]
+                return method(  # type: ignore[no-any-return]
+                    requests[i % len(requests)], metadata=metadata
+                )
 
             return call
 

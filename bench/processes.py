@@ -17,9 +17,32 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from raptorflow.data.server.auth.tokens import mint
+from raptorflow.data.server.config import Settings
 from raptorflow.data.v1 import workspace_service_pb2
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# The benchmarks run the service as deployed, authentication on: servers verify
+# HS256 tokens with this secret, and load generators send one admin token.
+BENCH_JWT_SECRET = b"raptorflow-bench-jwt-secret-32-bytes-or-more"
+
+
+def bench_token() -> str:
+    """An admin token of every workspace that the bench servers accept."""
+    return mint(
+        Settings(jwt_secret=BENCH_JWT_SECRET),
+        subject="bench",
+        roles=["admin"],
+        workspaces=["*"],
+        ttl_seconds=24 * 3600,
+    )
+
+
+def auth_metadata() -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying `bench_token()`."""
+    return (("authorization", f"Bearer {bench_token()}"),)
+
+
 WORKSPACE_SERVICE = workspace_service_pb2.DESCRIPTOR.services_by_name["WorkspaceService"].full_name
 
 
@@ -141,6 +164,8 @@ async def start_data_server(database_url: str, log_dir: Path) -> ServerProcess:
         address,
         "--database-url",
         database_url,
+        "--jwt-secret",
+        BENCH_JWT_SECRET.decode(),
     ]
     server = await _spawn("data-server", command, log_dir, stdout=asyncio.subprocess.DEVNULL)
     server.address = address

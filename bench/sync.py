@@ -36,6 +36,7 @@ from pathlib import Path
 
 import asyncpg
 import grpc
+from raptorflow.data.client import bearer_auth
 from raptorflow.data.server.app import run_migrations
 from raptorflow.data.server.config import Settings
 from raptorflow.data.server.db import codecs
@@ -198,7 +199,9 @@ async def main() -> None:
         with tempfile.TemporaryDirectory(prefix="raptorflow-bench-sync-") as logs:
             server = await processes.start_data_server(bench_db.url, Path(logs))
             async with grpc.aio.insecure_channel(
-                server.address, options=[("grpc.max_receive_message_length", 64 << 20)]
+                server.address,
+                options=[("grpc.max_receive_message_length", 64 << 20)],
+                interceptors=bearer_auth(processes.bench_token()),
             ) as channel:
                 stub = memory_sync_service_pb2_grpc.MemorySyncServiceStub(channel)
                 timings: dict[str, list[float]] = {}

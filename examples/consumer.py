@@ -4,11 +4,15 @@ Run against a server whose exposed tables include `campaigns` (id, name,
 status, budget, tags, settings, created_at; unique on workspace_id and name)
 and `campaign_events` (kind, at)::
 
-    python examples/consumer.py --target localhost:50051 --workspace <uuid>
+    RAPTORFLOW_DATA_TOKEN=<jwt> python examples/consumer.py --target localhost:50051 \
+        --workspace <uuid>
+
+The token needs the agent (or admin) role and the workspace; `make run` prints one.
 """
 
 import argparse
 import asyncio
+import os
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -91,7 +95,13 @@ async def launch(workspace: Workspace, name: str) -> None:
 
 
 async def main(target: str, workspace_id: str) -> None:
-    config = ClientConfig(target, timeout=5.0, metadata={"x-agent": "campaign-reporter"})
+    config = ClientConfig(
+        target,
+        # A function, so a token refreshed in the environment is picked up per call.
+        token=lambda: os.environ["RAPTORFLOW_DATA_TOKEN"],
+        timeout=5.0,
+        metadata={"x-agent": "campaign-reporter"},
+    )
     async with DataClient(config) as client:
         tables = await client.describe_tables()
         print("tables:", ", ".join(table.name for table in tables))

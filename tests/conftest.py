@@ -25,6 +25,7 @@ import pytest
 from raptorflow.data.server import app
 from raptorflow.data.server.config import Settings
 from raptorflow.data.v1 import maintenance_service_pb2_grpc, workspace_service_pb2_grpc
+from tokens import TEST_JWT_SECRET, authorized_channel
 
 # The one row of internal_secrets, a table no request may reach: no response carries it.
 SECRET = "do not leak"
@@ -180,6 +181,7 @@ def settings(database_url: str) -> Settings:
         shutdown_grace_seconds=2.0,
         token_key=b"test-page-token-key",
         catalog_refresh_seconds=5.0,
+        jwt_secret=TEST_JWT_SECRET,
     )
 
 
@@ -199,7 +201,8 @@ async def server(settings: Settings) -> AsyncIterator[app.RunningServer]:
 
 @pytest.fixture(scope="module")
 async def channel(server: app.RunningServer) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(server.address) as ch:
+    """A channel that sends an admin token of every workspace on every call."""
+    async with authorized_channel(server.address) as ch:
         yield ch
 
 

@@ -24,6 +24,15 @@ async def service_backends(db: asyncpg.Connection) -> dict[int, asyncpg.Record]:
     return {r["pid"]: r for r in await db.fetch(SERVICE_BACKENDS)}
 
 
+async def assert_no_new_backends(db: asyncpg.Connection, before: set[int]) -> None:
+    """Every service connection opened since `before` was taken is gone (polled: a backend
+    lingers in pg_stat_activity for a moment after its client closed it)."""
+    deadline = time.monotonic() + 5.0
+    while new := set(await service_backends(db)) - before:
+        assert time.monotonic() < deadline, f"connections were left open: {new}"
+        await asyncio.sleep(0.05)
+
+
 async def wait_for_lock_waits(
     db: asyncpg.Connection, count: int = 1, within: float = 5.0
 ) -> list[int]:

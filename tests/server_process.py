@@ -11,6 +11,7 @@ import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tokens import TEST_JWT_SECRET, authorized_channel
 
 # `python -m raptorflow.data.server` is the same entry point as the installed script.
 COMMAND = (sys.executable, "-m", "raptorflow.data.server")
@@ -41,7 +42,8 @@ def command_environment() -> dict[str, str]:
 async def spawn_serve(
     address: str, database_url: str, *flags: str, stdout: int = asyncio.subprocess.PIPE
 ) -> asyncio.subprocess.Process:
-    """`serve --listen address --database-url database_url *flags`, stderr piped."""
+    """`serve --listen address --database-url database_url --jwt-secret <the tests'> *flags`,
+    stderr piped."""
     return await asyncio.create_subprocess_exec(
         *COMMAND,
         "serve",
@@ -49,6 +51,8 @@ async def spawn_serve(
         address,
         "--database-url",
         database_url,
+        "--jwt-secret",
+        TEST_JWT_SECRET.decode(),
         *flags,
         stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
@@ -60,7 +64,7 @@ async def wait_until_serving(
     process: asyncio.subprocess.Process, address: str, within: float = 20.0
 ) -> None:
     """Polls the readiness health check until SERVING; fails if the process exits first."""
-    async with grpc.aio.insecure_channel(address, options=QUICK_RECONNECT) as channel:
+    async with authorized_channel(address, options=QUICK_RECONNECT) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         started = time.monotonic()
         while True:

@@ -33,6 +33,7 @@ from raptorflow.data.server.errors import ServiceError
 from raptorflow.data.server.maintenance import backup_file
 from raptorflow.data.v1 import job_pb2, maintenance_service_pb2, maintenance_service_pb2_grpc
 from statuses import rpc_error
+from tokens import authorized_channel
 
 pb = maintenance_service_pb2
 Stub = maintenance_service_pb2_grpc.MaintenanceServiceStub
@@ -751,7 +752,7 @@ async def test_damaged_files_are_refused(
 async def test_paths_outside_the_directory_are_refused(
     file_server: RunningServer, backup_dir: Path, seeded: Workspaces, path: str, reason: str
 ) -> None:
-    async with grpc.aio.insecure_channel(file_server.address) as channel:
+    async with authorized_channel(file_server.address) as channel:
         stub = Stub(channel)
         spec = job_pb2.JobSpec(
             backup_to_file=job_pb2.BackupToFileJob(scope=scope(seeded.first), path=path)
@@ -787,7 +788,7 @@ async def test_a_missing_file_is_not_found(
     file_server: RunningServer, backup_dir: Path, seeded: Workspaces
 ) -> None:
     (backup_dir / "a-directory").mkdir(exist_ok=True)
-    async with grpc.aio.insecure_channel(file_server.address) as channel:
+    async with authorized_channel(file_server.address) as channel:
         for path in ("none.bak", "a-directory", "none/x.bak"):
             spec = job_pb2.JobSpec(restore_from_file=job_pb2.RestoreFromFileJob(path=path))
             failure = await rpc_error(
@@ -802,7 +803,7 @@ async def test_a_missing_file_is_not_found(
 async def test_file_jobs_through_start_and_watch(
     file_server: RunningServer, backup_dir: Path, restored: Workspaces, db: asyncpg.Connection
 ) -> None:
-    async with grpc.aio.insecure_channel(file_server.address) as channel:
+    async with authorized_channel(file_server.address) as channel:
         stub = Stub(channel)
         backup = job_pb2.JobSpec(
             backup_to_file=job_pb2.BackupToFileJob(scope=scope(restored.first), path="job.bak")
@@ -995,7 +996,7 @@ async def test_a_replacing_file_restore_never_reaches_tables_outside_the_backup(
     first, _ = fk_workspaces
     await file_server.catalog.reload()
     try:
-        async with grpc.aio.insecure_channel(file_server.address) as channel:
+        async with authorized_channel(file_server.address) as channel:
             stub = Stub(channel)
             backup = job_pb2.JobSpec(
                 backup_to_file=job_pb2.BackupToFileJob(
@@ -1040,7 +1041,7 @@ async def test_a_time_template_names_a_new_file_each_run(
         )
     )
     paths = []
-    async with grpc.aio.insecure_channel(file_server.address) as channel:
+    async with authorized_channel(file_server.address) as channel:
         stub = Stub(channel)
         for run in range(2):
             if run:
@@ -1089,7 +1090,7 @@ async def test_the_time_is_the_runs_start_in_utc(
 async def test_bad_path_templates_are_refused(
     file_server: RunningServer, backup_dir: Path, seeded: Workspaces, path: str, reason: str
 ) -> None:
-    async with grpc.aio.insecure_channel(file_server.address) as channel:
+    async with authorized_channel(file_server.address) as channel:
         spec = job_pb2.JobSpec(
             backup_to_file=job_pb2.BackupToFileJob(scope=scope(seeded.first), path=path)
         )
@@ -1111,7 +1112,7 @@ async def test_a_fifo_is_not_a_backup_file(
     fifo = backup_dir / "a-fifo.bak"
     os.mkfifo(fifo)
     try:
-        async with grpc.aio.insecure_channel(file_server.address) as channel:
+        async with authorized_channel(file_server.address) as channel:
             spec = job_pb2.JobSpec(restore_from_file=job_pb2.RestoreFromFileJob(path=fifo.name))
             failure = await rpc_error(
                 Stub(channel).StartJob(pb.StartJobRequest(spec=spec), timeout=10)

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import asyncpg
-import grpc
 import pytest
 from conftest import start_server, with_database
 from raptorflow.data.server.app import RunningServer
@@ -23,6 +22,7 @@ from raptorflow.data.server.config import Settings
 from raptorflow.data.server.db.migrations import bundled_migrations
 from raptorflow.data.v1 import workspace_service_pb2, workspace_service_pb2_grpc
 from server_process import COMMAND, command_environment, free_port, spawn_serve, wait_until_serving
+from tokens import authorized_channel
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ async def test_serve_becomes_serving_and_exits_0_on_sigterm(database_url: str) -
     )
     try:
         await wait_until_serving(process, address)
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with authorized_channel(address) as channel:
             counted = await workspace_service_pb2_grpc.WorkspaceServiceStub(channel).Count(
                 workspace_service_pb2.CountRequest(
                     workspace_id=str(uuid.uuid4()), table="campaigns"

@@ -41,11 +41,12 @@ from raptorflow.data.client import (
 )
 from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
+from tokens import ADMIN_TOKEN
 
 
 @pytest.fixture(scope="module")
 async def client(server: RunningServer) -> AsyncIterator[DataClient]:
-    async with DataClient(server.address) as data_client:
+    async with DataClient(ClientConfig(server.address, token=ADMIN_TOKEN)) as data_client:
         yield data_client
 
 
@@ -85,7 +86,7 @@ async def test_readme_flow_verbatim(
     streamed: list[Any] = []
 
     # From README.md "Using it"; only the body of the last loop is filled in.
-    async with DataClient(server.address) as client:
+    async with DataClient(ClientConfig(server.address, token=ADMIN_TOKEN)) as client:
         campaigns = client.workspace(workspace_id).table("campaigns")
 
         page = await (
@@ -651,7 +652,9 @@ async def test_describe_tables(client: DataClient) -> None:
 
 
 async def test_metadata_is_accepted(server: RunningServer, workspace: str) -> None:
-    config = ClientConfig(server.address, metadata={"X-Agent": "e2e", "x-trace-bin": b"\x00\x01"})
+    config = ClientConfig(
+        server.address, token=ADMIN_TOKEN, metadata={"X-Agent": "e2e", "x-trace-bin": b"\x00\x01"}
+    )
     async with DataClient(config) as configured:
         campaigns = configured.workspace(workspace).table("campaigns")
         await campaigns.insert({"name": "m"}, returning=()).execute(
@@ -702,13 +705,18 @@ async def test_read_is_retried_when_the_server_answers_unavailable(
         campaigns = data_client.workspace(workspace).table("campaigns")
         return campaigns.select("name").execute(timeout=10.0)
 
-    page = await _with_backend_killed(ClientConfig(server.address), db, database_url, read)
+    page = await _with_backend_killed(
+        ClientConfig(server.address, token=ADMIN_TOKEN), db, database_url, read
+    )
     assert page.data == [{"name": "survivor"}]
 
     # The same failure without the retry policy: the read fails, so the policy did it.
     with pytest.raises(Unavailable) as unretried:
         await _with_backend_killed(
-            ClientConfig(server.address, enable_retries=False), db, database_url, read
+            ClientConfig(server.address, token=ADMIN_TOKEN, enable_retries=False),
+            db,
+            database_url,
+            read,
         )
     assert unretried.value.reason == "DATABASE_UNAVAILABLE"
 
@@ -718,7 +726,9 @@ async def test_read_is_retried_when_the_server_answers_unavailable(
         return campaigns.update({"priority": 1}).eq("name", "survivor").execute(timeout=10.0)
 
     with pytest.raises(Unavailable):
-        await _with_backend_killed(ClientConfig(server.address), db, database_url, write)
+        await _with_backend_killed(
+            ClientConfig(server.address, token=ADMIN_TOKEN), db, database_url, write
+        )
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -803,7 +813,9 @@ async def test_read_survives_a_short_server_restart(
         # default the outcome would hinge on that race. A quicker first reconnect
         # leaves the retry policy as the only thing the test depends on.
         config = ClientConfig(
-            address.target, channel_options=[("grpc.initial_reconnect_backoff_ms", 100)]
+            address.target,
+            token=ADMIN_TOKEN,
+            channel_options=[("grpc.initial_reconnect_backoff_ms", 100)],
         )
         async with DataClient(config) as data_client:
             campaigns = data_client.workspace(workspace).table("campaigns")

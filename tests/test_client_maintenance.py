@@ -35,6 +35,7 @@ from raptorflow.data.v1 import (
     monitoring_service_pb2,
     monitoring_service_pb2_grpc,
 )
+from tokens import ADMIN_TOKEN
 
 pb = maintenance_service_pb2
 WS = "0a700930-722d-4b2c-b5c1-1b2d7cdb954e"
@@ -799,7 +800,7 @@ async def real(
 
 @pytest.fixture(scope="module")
 async def client(real: tuple[RunningServer, Path]) -> AsyncIterator[rf.DataClient]:
-    async with rf.DataClient(real[0].address) as data_client:
+    async with rf.DataClient(rf.ClientConfig(real[0].address, token=ADMIN_TOKEN)) as data_client:
         yield data_client
 
 

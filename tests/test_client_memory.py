@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 from raptorflow.data.client import (
     ChangeOperation,
+    ClientConfig,
     DataClient,
     InvalidArgument,
     MemoryRecord,
@@ -19,6 +20,7 @@ from raptorflow.data.client import (
 )
 from raptorflow.data.server import cli
 from raptorflow.data.server.app import RunningServer
+from tokens import ADMIN_TOKEN
 
 TABLES = ["campaigns"]
 
@@ -30,7 +32,7 @@ def captured(database_url: str) -> None:
 
 @pytest.fixture(scope="module")
 async def client(server: RunningServer, captured: None) -> AsyncIterator[DataClient]:
-    async with DataClient(server.address) as data_client:
+    async with DataClient(ClientConfig(server.address, token=ADMIN_TOKEN)) as data_client:
         yield data_client
 
 

@@ -29,6 +29,7 @@ from raptorflow.data.server import cli
 from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
 from raptorflow.data.v1 import job_pb2, monitoring_service_pb2, monitoring_service_pb2_grpc
+from tokens import ADMIN_TOKEN
 
 NOTES = "compat_notes"
 EVENTS = "compat_events"  # exposed, without change capture
@@ -94,6 +95,7 @@ async def compat_server(
 def env(compat_server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """The old code's configuration: the environment names the server."""
     monkeypatch.setenv(compat.TARGET_ENV, compat_server.address)
+    monkeypatch.setenv(compat.TOKEN_ENV, ADMIN_TOKEN)
     monkeypatch.delenv(compat.WORKSPACE_ENV, raising=False)
     compat.configure(None)
     yield compat_server.address
@@ -123,11 +125,15 @@ async def _fill(db: asyncpg.Connection, workspace: str, rows: int = ROWS) -> Non
 def test_configuration_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(compat.TARGET_ENV, raising=False)
     monkeypatch.delenv(compat.TIMEOUT_ENV, raising=False)
+    monkeypatch.delenv(compat.TOKEN_ENV, raising=False)
     compat.configure(None)
     assert compat.client_config() == rf.ClientConfig(compat.DEFAULT_TARGET)
     monkeypatch.setenv(compat.TARGET_ENV, "data.internal:7000")
     monkeypatch.setenv(compat.TIMEOUT_ENV, "2.5")
-    assert compat.client_config() == rf.ClientConfig("data.internal:7000", timeout=2.5)
+    monkeypatch.setenv(compat.TOKEN_ENV, "a.jwt.token")
+    assert compat.client_config() == rf.ClientConfig(
+        "data.internal:7000", timeout=2.5, token="a.jwt.token"
+    )
     monkeypatch.setenv(compat.TIMEOUT_ENV, "soon")
     with pytest.raises(ValueError, match=compat.TIMEOUT_ENV):
         compat.client_config()
@@ -313,7 +319,7 @@ async def test_sync_database_to_memory_delivers_every_row(
     await db.execute(
         f"INSERT INTO {NOTES} (workspace_id, title) VALUES ($1, 'later')", uuid.UUID(workspace)
     )
-    async with rf.DataClient(env) as client:
+    async with rf.DataClient(rf.ClientConfig(env, token=ADMIN_TOKEN)) as client:
         later = [
             row["title"]
             async for batch in client.memory.sync(
@@ -371,7 +377,7 @@ async def test_backup_database_produces_a_backup(
     assert scoped["tables"] == {NOTES: 40}
     before = await db.fetch(f"SELECT * FROM {NOTES} WHERE workspace_id = $1", uuid.UUID(workspace))
     await db.execute(f"DELETE FROM {NOTES} WHERE workspace_id = $1", uuid.UUID(workspace))
-    async with rf.DataClient(env) as client:
+    async with rf.DataClient(rf.ClientConfig(env, token=ADMIN_TOKEN)) as client:
         await client.maintenance.restore_from_path(backup_dir / scoped["path"])
     after = await db.fetch(f"SELECT * FROM {NOTES} WHERE workspace_id = $1", uuid.UUID(workspace))
     assert sorted(after) == sorted(before)
@@ -379,7 +385,7 @@ async def test_backup_database_produces_a_backup(
 
 async def test_backup_database_without_a_backup_dir(server: RunningServer) -> None:
     with pytest.raises(rf.FailedPrecondition) as caught:
-        await compat.backup_database(config=server.address)
+        await compat.backup_database(config=rf.ClientConfig(server.address, token=ADMIN_TOKEN))
     assert caught.value.reason == "BACKUP_DIR_NOT_SET"
 
 

@@ -28,6 +28,7 @@ from raptorflow.data.v1 import (
     workspace_service_pb2_grpc,
 )
 from statuses import error_reason
+from tokens import authorized_channel
 
 pb = workspace_service_pb2
 Stub = workspace_service_pb2_grpc.WorkspaceServiceStub
@@ -180,7 +181,7 @@ async def test_pool_exhaustion_is_resource_exhausted_or_deadline_exceeded(
     db: asyncpg.Connection, small_pool: RunningServer, workspace: str
 ) -> None:
     row_id = await insert_row(db, workspace, "locked")
-    async with grpc.aio.insecure_channel(small_pool.address) as channel:
+    async with authorized_channel(small_pool.address) as channel:
         stub = Stub(channel)
         health = health_pb2_grpc.HealthStub(channel)
         async with db.transaction():
@@ -244,7 +245,7 @@ async def test_cancel_outlasting_the_acquire_wait_still_cancels_the_query(
     the wait for the connection was; dropping it instead would orphan the query, which then
     commits once the lock is gone."""
     row_id = await insert_row(db, workspace, "locked")
-    async with grpc.aio.insecure_channel(hasty_pool.address) as channel:
+    async with authorized_channel(hasty_pool.address) as channel:
         stub = Stub(channel)
         async with db.transaction():
             await lock_row(db, row_id)

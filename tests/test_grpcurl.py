@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
 from raptorflow.data.v1 import workspace_service_pb2
+from tokens import ADMIN_TOKEN
 
 SERVICE = workspace_service_pb2.DESCRIPTOR.services_by_name["WorkspaceService"]
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -51,10 +52,18 @@ class Grpcurl:
     address: str
 
     async def __call__(
-        self, *command: str, data: Any = None, flags: Sequence[str] = (), address: str = ""
+        self,
+        *command: str,
+        data: Any = None,
+        flags: Sequence[str] = (),
+        address: str = "",
+        token: str | None = ADMIN_TOKEN,
     ) -> Result:
-        """Runs `grpcurl -plaintext [FLAGS] [-d JSON] ADDRESS COMMAND...`."""
+        """Runs `grpcurl -plaintext [-H 'authorization: Bearer TOKEN'] [FLAGS] [-d JSON]
+        ADDRESS COMMAND...`."""
         arguments = ["-plaintext", "-max-time", "10", *flags]
+        if token is not None:
+            arguments += ["-H", f"authorization: Bearer {token}"]
         if data is not None:
             arguments += ["-d", json.dumps(data)]
         process = await asyncio.create_subprocess_exec(

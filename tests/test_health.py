@@ -27,6 +27,7 @@ from raptorflow.data.v1 import (
 )
 from statuses import error_reason
 from tcp_proxy import TcpProxy
+from tokens import authorized_channel
 
 pb = workspace_service_pb2
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -60,7 +61,7 @@ async def proxied(settings: Settings, proxy: TcpProxy) -> AsyncIterator[RunningS
 
 @pytest.fixture(scope="module")
 async def proxied_channel(proxied: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(proxied.address) as ch:
+    async with authorized_channel(proxied.address) as ch:
         yield ch
 
 

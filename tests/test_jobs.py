@@ -32,6 +32,7 @@ from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
 from raptorflow.data.v1 import job_pb2, maintenance_service_pb2, maintenance_service_pb2_grpc
 from statuses import rpc_error
+from tokens import authorized_channel
 
 pb = maintenance_service_pb2
 Stub = maintenance_service_pb2_grpc.MaintenanceServiceStub
@@ -184,7 +185,7 @@ async def test_cancel_of_a_queued_job_ends_it_at_once(
     single = await start_server(settings, max_running_jobs=1)
     await single.catalog.reload()
     try:
-        async with grpc.aio.insecure_channel(single.address) as channel:
+        async with authorized_channel(single.address) as channel:
             stub = Stub(channel)
             async with locked(db, LOCKED):
                 blocked = await start(stub, analyze(LOCKED))
@@ -223,7 +224,7 @@ async def test_cancel_of_an_ended_job_changes_nothing(maintenance: Stub) -> None
 async def test_watch_and_cancel_through_the_other_server(
     maintenance: Stub, server: RunningServer, other_server: RunningServer, db: asyncpg.Connection
 ) -> None:
-    async with grpc.aio.insecure_channel(other_server.address) as channel:
+    async with authorized_channel(other_server.address) as channel:
         other = Stub(channel)
         async with locked(db, LOCKED):
             job = await start(maintenance, analyze(LOCKED))
@@ -249,7 +250,7 @@ async def test_stopping_server_fails_its_running_and_queued_jobs(
     await stopping.catalog.reload()
     replica = stopping.maintenance.jobs.replica_id
     try:
-        async with grpc.aio.insecure_channel(stopping.address) as channel, locked(db, LOCKED):
+        async with authorized_channel(stopping.address) as channel, locked(db, LOCKED):
             stub = Stub(channel)
             running = await start(stub, analyze(LOCKED))
             await wait_for_lock_waits(db)
@@ -273,7 +274,7 @@ async def test_watch_ends_with_unavailable_when_its_server_stops(
     stopping = await start_server(settings)
     await stopping.catalog.reload()
     try:
-        async with grpc.aio.insecure_channel(stopping.address) as channel, locked(db, LOCKED):
+        async with authorized_channel(stopping.address) as channel, locked(db, LOCKED):
             stub = Stub(channel)
             job = await start(stub, analyze(LOCKED))
             await wait_for_lock_waits(db)

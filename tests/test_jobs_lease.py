@@ -15,7 +15,6 @@ import time
 from collections.abc import AsyncIterator
 
 import asyncpg
-import grpc
 import pytest
 from conftest import start_server
 from job_helpers import analyze, create_lock_table, locked, next_job, rest_of
@@ -24,6 +23,7 @@ from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
 from raptorflow.data.v1 import job_pb2, maintenance_service_pb2, maintenance_service_pb2_grpc
 from server_process import free_port, spawn_serve, wait_until_serving
+from tokens import authorized_channel
 
 pb = maintenance_service_pb2
 Stub = maintenance_service_pb2_grpc.MaintenanceServiceStub
@@ -80,8 +80,8 @@ async def test_job_of_a_killed_server_fails_when_its_lease_runs_out(
 ) -> None:
     process, address = serve_process
     async with (
-        grpc.aio.insecure_channel(address) as dying_channel,
-        grpc.aio.insecure_channel(sweeper.address) as channel,
+        authorized_channel(address) as dying_channel,
+        authorized_channel(sweeper.address) as channel,
         locked(db, LEASE_TABLE),
     ):
         job = (

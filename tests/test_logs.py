@@ -156,6 +156,8 @@ async def test_one_json_line_per_call_without_row_values(
         assert isinstance(call["duration_ms"], float)
         assert 0 <= call["duration_ms"] < 10_000
     assert [c.get("workspace") for c in calls] == [workspace] * 4 + ["not-a-uuid", None]
+    # The caller is the token's subject (the channel fixture's admin token).
+    assert {c.get("caller") for c in calls} == {"test-admin"}
     everything = "\n".join(lines.lines)
     assert secret_name not in everything
     assert secret_status not in everything

@@ -31,6 +31,7 @@ from raptorflow.data.server.memory.queries import FLOAT32_SAFE_NORMS, float32_co
 from raptorflow.data.server.memory.store import MemoryStore
 from raptorflow.data.v1 import memory_sync_service_pb2, memory_sync_service_pb2_grpc
 from statuses import rpc_error
+from tokens import authorized_channel
 
 pb = memory_sync_service_pb2
 Stub = memory_sync_service_pb2_grpc.MemorySyncServiceStub
@@ -529,7 +530,14 @@ async def test_delete_locks_records_in_id_order(memory, db, database_url, worksp
         pytest.param(
             {"workspace_id": "", "ids": ["", "x" * 300], "source_row_ids": ["1"]},
             "INVALID_UUID",
-            ["workspace_id", "ids[0]", "ids[1]", "source_table"],
+            # The authorization check refuses a request without a workspace first.
+            ["workspace_id"],
+            id="no workspace, then other errors",
+        ),
+        pytest.param(
+            {"ids": ["", "x" * 300], "source_row_ids": ["1"]},
+            "INVALID_VALUE",
+            ["ids[0]", "ids[1]", "source_table"],
             id="every error at once",
         ),
     ],
@@ -775,7 +783,7 @@ async def test_pgvector_search_equals_the_sql_scan_and_brute_force(pgvector_serv
     queries += [[f32(x * 1e-30) for x in queries[-1]], [f32(x * 1e30) for x in queries[-2]]]
     queries.append([1.0] * 8)
     deadline = Deadline.after(30.0)
-    async with grpc.aio.insecure_channel(running.address) as channel:
+    async with authorized_channel(running.address) as channel:
         memory = Stub(channel)
         for i in range(0, len(records), 100):
             await upsert(memory, batch(workspace, *records[i : i + 100]))
@@ -822,7 +830,7 @@ async def test_pgvector_search_equals_the_sql_scan_and_brute_force(pgvector_serv
 async def test_pgvector_round_trip_is_exact(pgvector_server):
     embedding = [f32(0.1), f32(1e-30), f32(-3.4e38), 1.401298464324817e-45, -0.0]
     workspace = str(uuid.uuid4())
-    async with grpc.aio.insecure_channel(pgvector_server.address) as channel:
+    async with authorized_channel(pgvector_server.address) as channel:
         memory = Stub(channel)
         sent = record("exact", embedding, metadata={"a": [1, "b"]})
         assert await upsert(memory, batch(workspace, sent)) == (1, 0, 1)

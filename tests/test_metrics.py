@@ -17,6 +17,7 @@ from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
 from raptorflow.data.server.db.connections import Deadline
 from raptorflow.data.v1 import job_pb2, workspace_service_pb2, workspace_service_pb2_grpc
+from tokens import authorized_channel
 
 ws = workspace_service_pb2
 SELECT = "/raptorflow.data.v1.WorkspaceService/Select"
@@ -36,7 +37,7 @@ async def running(settings: Settings) -> AsyncIterator[RunningServer]:
 async def workspaces(
     running: RunningServer,
 ) -> AsyncIterator[workspace_service_pb2_grpc.WorkspaceServiceStub]:
-    async with grpc.aio.insecure_channel(running.address) as ch:
+    async with authorized_channel(running.address) as ch:
         yield workspace_service_pb2_grpc.WorkspaceServiceStub(ch)
 
 

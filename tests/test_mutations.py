@@ -16,6 +16,7 @@ from raptorflow.data.v1 import (
     workspace_service_pb2_grpc,
 )
 from statuses import rpc_error
+from tokens import authorized_channel
 
 pb = workspace_service_pb2
 
@@ -281,7 +282,7 @@ async def test_bad_insert_request(stub, db, workspace, request_fields, field, re
 async def test_too_many_rows(settings, db, workspace):
     running = await start_server(settings, max_rows_per_request=3)
     try:
-        async with grpc.aio.insecure_channel(running.address) as channel:
+        async with authorized_channel(running.address) as channel:
             small = workspace_service_pb2_grpc.WorkspaceServiceStub(channel)
             insert = pb.InsertRequest(
                 table="campaigns", columns=["name"], rows=[row(f"r{i}") for i in range(4)]

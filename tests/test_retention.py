@@ -30,6 +30,7 @@ from raptorflow.data.server.maintenance.operations import Operations
 from raptorflow.data.server.maintenance.retention import RetentionRule, parse_retention_rules
 from raptorflow.data.v1 import job_pb2, maintenance_service_pb2, maintenance_service_pb2_grpc
 from statuses import rpc_error
+from tokens import authorized_channel
 
 pb = maintenance_service_pb2
 ROWS = job_pb2.PROGRESS_UNIT_ROWS
@@ -436,7 +437,7 @@ async def test_start_job_refuses_bad_cleanups(
 async def test_start_job_on_a_server_without_rules(settings: Settings, tables: None) -> None:
     running = await start_server(settings)
     try:
-        async with grpc.aio.insecure_channel(running.address) as channel:
+        async with authorized_channel(running.address) as channel:
             stub = maintenance_service_pb2_grpc.MaintenanceServiceStub(channel)
             failure = await rpc_error(stub.StartJob(pb.StartJobRequest(spec=cleanup())))
     finally:

@@ -16,6 +16,7 @@ from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
 from raptorflow.data.server.maintenance.schedule_config import ScheduleConfigError, load_schedules
 from raptorflow.data.v1 import job_pb2, maintenance_service_pb2, maintenance_service_pb2_grpc
+from tokens import authorized_channel
 
 pb = maintenance_service_pb2
 
@@ -48,7 +49,7 @@ async def test_an_overlong_backup_path_is_not_a_database_outage(
 ) -> None:
     # A file name longer than the file system allows used to escape as an OSError,
     # which the error map reads as "the database cannot be reached" (UNAVAILABLE).
-    async with grpc.aio.insecure_channel(file_server.address) as channel:
+    async with authorized_channel(file_server.address) as channel:
         stub = maintenance_service_pb2_grpc.MaintenanceServiceStub(channel)
         for spec in (
             job_pb2.JobSpec(backup_to_file=job_pb2.BackupToFileJob(path="x" * 300)),

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import grpc
 import pytest
 from conftest import start_server
 from job_helpers import FINAL_STATES, ScriptedExecutor, job_runtime
@@ -28,6 +27,7 @@ from raptorflow.data.server.maintenance.schedule_config import ScheduleConfig, l
 from raptorflow.data.server.maintenance.schedules import Scheduler
 from raptorflow.data.v1 import job_pb2, maintenance_service_pb2, maintenance_service_pb2_grpc
 from server_process import free_port, spawn_serve
+from tokens import authorized_channel
 
 pb = maintenance_service_pb2
 Stub = maintenance_service_pb2_grpc.MaintenanceServiceStub
@@ -371,7 +371,7 @@ async def test_list_schedules_through_the_service(
         ),
     )
     try:
-        async with grpc.aio.insecure_channel(running.address) as channel:
+        async with authorized_channel(running.address) as channel:
             stub = Stub(channel)
             started = time.monotonic()
             while True:
@@ -401,5 +401,5 @@ async def test_list_schedules_through_the_service(
             datetime.timedelta(seconds=1)
         )
     # The module's own server has no schedules.
-    async with grpc.aio.insecure_channel(server.address) as channel:
+    async with authorized_channel(server.address) as channel:
         assert not (await Stub(channel).ListSchedules(pb.ListSchedulesRequest())).schedules

@@ -26,6 +26,7 @@ from raptorflow.data.v1 import (
     workspace_service_pb2_grpc,
 )
 from statuses import rpc_error
+from tokens import authorized_channel
 
 pb = workspace_service_pb2
 q = query_pb2
@@ -543,7 +544,7 @@ async def test_page_size_zero_is_the_default_and_larger_is_lowered(settings, pag
     workspace, rows = paged
     running = await start_server(settings, default_page_size=3, max_page_size=5)
     try:
-        async with grpc.aio.insecure_channel(running.address) as channel:
+        async with authorized_channel(running.address) as channel:
             small = workspace_service_pb2_grpc.WorkspaceServiceStub(channel)
             request = pb.SelectRequest(workspace_id=workspace, table="campaigns", columns=["id"])
             default = await small.Select(request)
@@ -719,8 +720,8 @@ async def test_page_token_needs_the_same_signing_key(settings, stub, paged):
     same = await start_server(settings)
     try:
         async with (
-            grpc.aio.insecure_channel(other.address) as other_channel,
-            grpc.aio.insecure_channel(same.address) as same_channel,
+            authorized_channel(other.address) as other_channel,
+            authorized_channel(same.address) as same_channel,
         ):
             failure = await rpc_error(
                 workspace_service_pb2_grpc.WorkspaceServiceStub(other_channel).Select(request)

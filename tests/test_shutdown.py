@@ -24,6 +24,7 @@ from raptorflow.data.v1 import (
     workspace_service_pb2,
     workspace_service_pb2_grpc,
 )
+from tokens import authorized_channel
 
 pb = workspace_service_pb2
 Stub = workspace_service_pb2_grpc.WorkspaceServiceStub
@@ -42,7 +43,7 @@ async def assert_backends_gone(db: asyncpg.Connection, before: set[int]) -> None
 
 
 async def assert_refused(address: str) -> None:
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with authorized_channel(address) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await Stub(channel).Count(
                 pb.CountRequest(workspace_id=str(uuid.uuid4()), table="campaigns"), timeout=2.0
@@ -59,7 +60,7 @@ async def test_stop_drains_in_flight_call_and_ends_watch_at_once(
     running: RunningServer = await start_server(settings, shutdown_grace_seconds=grace)
     stop_task: asyncio.Task[None] | None = None
     try:
-        async with grpc.aio.insecure_channel(running.address) as channel:
+        async with authorized_channel(running.address) as channel:
             stub = Stub(channel)
             health = health_pb2_grpc.HealthStub(channel)
             row_id = await insert_row(db, workspace, "draining")
@@ -122,7 +123,7 @@ async def test_call_outliving_grace_is_cancelled_in_postgres_too(
     before = set(await service_backends(db))
     running: RunningServer = await start_server(settings, shutdown_grace_seconds=grace)
     try:
-        async with grpc.aio.insecure_channel(running.address) as channel:
+        async with authorized_channel(running.address) as channel:
             stub = Stub(channel)
             row_id = await insert_row(db, workspace, "draining")
             async with db.transaction():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 from conftest import start_server
-from pg_activity import service_backends
+from pg_activity import assert_no_new_backends, service_backends
 from raptorflow.data.server.config import Settings
 
 
@@ -23,5 +23,4 @@ async def test_bad_configuration_exits_without_leaking_connections(
     before = set(await service_backends(db))
     with pytest.raises(SystemExit, match=message):
         await start_server(settings, **{setting: value})
-    after = set(await service_backends(db))
-    assert after <= before, "a failed start-up left connections open"
+    await assert_no_new_backends(db, before)

@@ -31,6 +31,7 @@ from raptorflow.data.v1 import (
     workspace_service_pb2_grpc,
 )
 from tcp_proxy import TcpProxy
+from tokens import authorized_channel
 
 pb = monitoring_service_pb2
 ws = workspace_service_pb2
@@ -58,7 +59,7 @@ async def running(settings: Settings) -> AsyncIterator[RunningServer]:
 
 @pytest.fixture(scope="module")
 async def channel(running: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(running.address) as ch:
+    async with authorized_channel(running.address) as ch:
         yield ch
 
 
@@ -281,7 +282,7 @@ async def leaky(settings: Settings) -> AsyncIterator[RunningServer]:
 async def test_leaked_connections_are_listed_then_reclaimed(
     leaky: RunningServer, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with grpc.aio.insecure_channel(leaky.address) as ch:
+    async with authorized_channel(leaky.address) as ch:
         monitor, workspaces = Monitor(ch), Workspaces(ch)
         pids: dict[str, int] = {}
         give_back = asyncio.Event()
@@ -383,7 +384,7 @@ async def test_status_answers_while_the_database_is_down(
         proxy = await stack.enter_async_context(TcpProxy.for_database(database_url))
         server = await start_server(settings, database_url=proxy.database_url(database_url))
         stack.push_async_callback(server.stop, 1.0)
-        channel = await stack.enter_async_context(grpc.aio.insecure_channel(server.address))
+        channel = await stack.enter_async_context(authorized_channel(server.address))
         monitor = Monitor(channel)
         up = await status(monitor)
         assert up.database.reachable

@@ -31,6 +31,7 @@ from raptorflow.data.v1 import (
 )
 from statuses import error_reason, rpc_error
 from tcp_proxy import TcpProxy
+from tokens import authorized_channel
 
 pb = memory_sync_service_pb2
 Stub = memory_sync_service_pb2_grpc.MemorySyncServiceStub
@@ -530,7 +531,7 @@ async def test_a_stream_resumes_on_another_server(
     await insert_campaigns(db, workspace, "two")
     other = await start_server(settings)  # the same database and token key
     try:
-        async with grpc.aio.insecure_channel(other.address) as channel:
+        async with authorized_channel(other.address) as channel:
             resumed = await read_all(Stub(channel), request(workspace, token=first.token), first)
     finally:
         await other.stop(grace=0)
@@ -544,7 +545,7 @@ async def test_server_stop_ends_follow_streams_at_once_and_they_resume_elsewhere
     stopping = await start_server(settings, shutdown_grace_seconds=5.0)
     replica = Replica()
     try:
-        async with grpc.aio.insecure_channel(stopping.address) as channel:
+        async with authorized_channel(stopping.address) as channel:
             call = Stub(channel).Sync(request(workspace, follow=True))
             await follow_until(call, replica, lambda r: r.snapshot_done)
             await insert_campaigns(db, workspace, "before stop")
@@ -576,7 +577,7 @@ async def test_changes_missed_while_listen_reconnects_are_read_after_it(
     # A long poll interval: only the LISTEN connection can wake the stream in time.
     running = await start_server(settings, sync_poll_seconds=60.0)
     try:
-        async with grpc.aio.insecure_channel(running.address) as channel:
+        async with authorized_channel(running.address) as channel:
             call = Stub(channel).Sync(request(workspace, follow=True))
             replica = Replica()
             await follow_until(call, replica, lambda r: r.snapshot_done)
@@ -605,7 +606,7 @@ async def test_idle_followers_hold_no_connection_and_share_their_reads(
     running = await start_server(settings, sync_checkpoint_seconds=60.0)
     followers = 100
     try:
-        async with grpc.aio.insecure_channel(running.address) as channel:
+        async with authorized_channel(running.address) as channel:
             stub = Stub(channel)
             calls = [stub.Sync(request(workspace, follow=True)) for _ in range(followers)]
             replicas = [Replica() for _ in calls]
@@ -666,7 +667,7 @@ async def test_a_consumer_that_stops_reading_stops_the_reads_for_it(
 
     writer = None
     try:
-        async with grpc.aio.insecure_channel(running.address) as channel:
+        async with authorized_channel(running.address) as channel:
             call = Stub(channel).Sync(request(workspace, follow=True, batch_size=10))
             replica = Replica()
             await follow_until(call, replica, lambda r: r.snapshot_done)
@@ -875,7 +876,7 @@ async def test_a_lost_database_ends_follow_streams_with_unavailable(
             settings, database_url=proxy.database_url(settings.database_url)
         )
         try:
-            async with grpc.aio.insecure_channel(running.address) as channel:
+            async with authorized_channel(running.address) as channel:
                 call = Stub(channel).Sync(request(workspace, follow=True))
                 replica = Replica()
                 await follow_until(call, replica, lambda r: r.snapshot_done)

@@ -19,6 +19,7 @@ from raptorflow.data.server.sync.pruning import prune_once
 from raptorflow.data.v1 import memory_sync_service_pb2
 from statuses import rpc_error
 from test_sync import TABLES, Replica, Stub, insert_campaigns, read_all, request
+from tokens import authorized_channel
 
 pb = memory_sync_service_pb2
 ENTRIES = "SELECT count(*) FROM raptorflow_data.change_log WHERE workspace_id = $1"
@@ -47,7 +48,7 @@ async def test_a_token_older_than_the_retained_log_must_resnapshot(
 ) -> None:
     running = await start_server(settings, sync_retention_seconds=0.3, sync_prune_seconds=3600.0)
     try:
-        async with grpc.aio.insecure_channel(running.address) as channel:
+        async with authorized_channel(running.address) as channel:
             stub = Stub(channel)
             old = await read_all(stub, request(workspace))
             await insert_campaigns(db, workspace, "pruned away")
@@ -70,7 +71,7 @@ async def test_live_consumers_hold_back_pruning_until_they_expire(
         settings, sync_consumer_expiry_seconds=expiry, sync_prune_seconds=3600.0
     )
     try:
-        async with grpc.aio.insecure_channel(running.address) as channel:
+        async with authorized_channel(running.address) as channel:
             stub = Stub(channel)
             a = await read_all(stub, request(workspace, consumer_id="a"))
             b = await read_all(stub, request(workspace, consumer_id="b"))

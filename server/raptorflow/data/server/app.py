@@ -21,12 +21,15 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from raptorflow.data.server.auth import tls
+from raptorflow.data.server.auth.interceptor import Authorization
 from raptorflow.data.server.config import Settings
 from raptorflow.data.server.db import migrations
 from raptorflow.data.server.db.catalog import Catalog, CatalogCache, load_catalog
 from raptorflow.data.server.db.connections import Database
 from raptorflow.data.server.db.page_tokens import PageTokenCodec
 from raptorflow.data.server.health import DatabaseHealth, HealthServicer
+from raptorflow.data.server.health_listener import HealthListener
 from raptorflow.data.server.maintenance.backup import Backups
 from raptorflow.data.server.maintenance.executor import JobExecutor
 from raptorflow.data.server.maintenance.jobs import Jobs
@@ -83,6 +86,8 @@ class RunningServer:
     memory_store: MemoryStore
     maintenance: Maintenance
     monitoring: Monitoring
+    health_listener: HealthListener | None = None
+    """The plaintext health-only port (settings.health_listen), when there is one."""
     background: list[asyncio.Task[None]] = field(default_factory=list)
     _stopped: bool = False
 
@@ -107,6 +112,9 @@ class RunningServer:
         self.maintenance.jobs.end_watches()
         await self.maintenance.scheduler.close()
         await self.server.stop(grace)
+        # Probes on the health-only port saw NOT_SERVING all through the grace period.
+        if self.health_listener is not None:
+            await self.health_listener.stop()
         await self.maintenance.jobs.close()
         await self.monitoring.close()
         await cancel_and_wait(self.background)
@@ -177,12 +185,14 @@ def build_server(
     memory_store: MemoryStore,
     maintenance: Maintenance,
     monitoring: Monitoring,
+    authorization: Authorization,
 ) -> grpc.aio.Server:
     """The grpc.aio server with every servicer, health and reflection added (not started)."""
     server = grpc.aio.server(
         # The first measures every call (latency window, metrics, one log line each),
-        # also those the second refuses: requests that do not decode, as INVALID_ARGUMENT.
-        interceptors=[monitoring.interceptor, RequestDecoding()],
+        # also those the others refuse: calls without a valid token or grant, then
+        # requests that do not decode (INVALID_ARGUMENT, only for authenticated callers).
+        interceptors=[monitoring.interceptor, authorization, RequestDecoding()],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -217,6 +227,15 @@ async def start(settings: Settings) -> RunningServer:
     """Starts a server; raises if the database stays unreachable past the retry budget."""
     if not settings.database_url:
         raise SystemExit("DATABASE_URL (or --database-url) is required")
+    # First: bad key or TLS settings stop start-up before anything connects.
+    tls.check_settings(settings)
+    authorization = Authorization(settings)
+    if not authorization.enabled:
+        log.warning(
+            "AUTHENTICATION IS OFF (RAPTORFLOW_DEV_DISABLE_AUTH): every caller that reaches "
+            "%s is an admin of every workspace. Never run like this outside development.",
+            settings.listen,
+        )
     database = Database(settings)
     try:
         await database.open_owner()
@@ -249,6 +268,7 @@ async def start(settings: Settings) -> RunningServer:
     monitoring = Monitoring(settings, database, replica_id, maintenance.scheduler.list)
     maintenance.jobs.on_end = monitoring.record_job
     server: grpc.aio.Server | None = None
+    health_listener: HealthListener | None = None
     try:
         await memory_store.prepare()
         await sync_streams.start()
@@ -263,12 +283,18 @@ async def start(settings: Settings) -> RunningServer:
             memory_store,
             maintenance,
             monitoring,
+            authorization,
         )
         # Inside the try: a port already taken must not leave the job runner, the
         # watchdog and the metrics endpoint (with its port) running behind the error.
-        port = server.add_insecure_port(settings.listen)
+        # Plaintext, or TLS / mutual TLS: unusable certificate settings are a SystemExit.
+        port = tls.bind(server, settings)
         await server.start()
+        if settings.health_listen:
+            health_listener = await HealthListener.start(settings.health_listen, health)
     except BaseException:
+        if health_listener is not None:
+            await health_listener.stop(None)
         if server is not None:
             await server.stop(None)
         await maintenance.jobs.close()
@@ -288,6 +314,7 @@ async def start(settings: Settings) -> RunningServer:
         memory_store,
         maintenance,
         monitoring,
+        health_listener=health_listener,
     )
     await database_health.check_once()
     # Schedules start last: a scheduled job may run at once and should find the server up.

@@ -48,6 +48,31 @@ def _parser() -> argparse.ArgumentParser:
         help="also install change capture for sync streams on these exposed tables "
         "('all': every exposed table with a primary key); idempotent",
     )
+    token = commands.add_parser(
+        "token",
+        help="print an HS256 bearer token signed with RAPTORFLOW_JWT_SECRET (development, "
+        "tests, deployments that issue their own tokens)",
+    )
+    config.add_arguments(token, ["jwt_secret", "jwt_issuer", "jwt_audience"])
+    token.add_argument(
+        "--role",
+        action="append",
+        dest="roles",
+        metavar="ROLE",
+        help="agent, memory, job or admin; repeat for several (default admin)",
+    )
+    token.add_argument(
+        "--workspace",
+        action="append",
+        dest="workspaces",
+        metavar="UUID",
+        help="a workspace the token grants; repeat for several; '*' for every workspace "
+        "(the default)",
+    )
+    token.add_argument("--subject", default="developer", help="the token's sub (who calls)")
+    token.add_argument(
+        "--ttl", type=float, default=12 * 3600, help="seconds until it expires (default 12 h)"
+    )
     health = commands.add_parser(
         "health", help="probe a server's health; exit 0 only when it reports SERVING"
     )
@@ -59,6 +84,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     health.add_argument(
         "--timeout", type=float, default=1.0, help="seconds to connect and to answer"
+    )
+    health.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect with TLS, checking the server against the system's trusted CAs "
+        "(implied by any --tls-* option)",
+    )
+    health.add_argument(
+        "--tls-ca-file", default="", metavar="PEM", help="CA bundle the server must chain to"
+    )
+    health.add_argument(
+        "--tls-cert-file",
+        default="",
+        metavar="PEM",
+        help="client certificate chain, for a port requiring mutual TLS (with --tls-key-file)",
+    )
+    health.add_argument(
+        "--tls-key-file", default="", metavar="PEM", help="private key of --tls-cert-file"
+    )
+    health.add_argument(
+        "--tls-server-name",
+        default="",
+        metavar="NAME",
+        help="name to check the server's certificate against instead of the address's host",
     )
     return parser
 
@@ -83,12 +132,31 @@ async def _migrate(settings: config.Settings, sync_tables: str | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "health":
-        from raptorflow.data.server.probe import probe
+        from raptorflow.data.server.probe import ProbeTls, probe
 
-        code, line = _run(probe(args.address, args.service, args.timeout))
+        tls_options = (args.tls_ca_file, args.tls_cert_file, args.tls_key_file)
+        tls = (
+            ProbeTls(*tls_options, server_name=args.tls_server_name)
+            if args.tls or args.tls_server_name or any(tls_options)
+            else None
+        )
+        code, line = _run(probe(args.address, args.service, args.timeout, tls))
         print(line, file=sys.stdout if code == 0 else sys.stderr)
         return int(code)
     settings = config.load(args)
+    if args.command == "token":
+        from raptorflow.data.server.auth.tokens import mint
+
+        print(
+            mint(
+                settings,
+                subject=args.subject,
+                roles=args.roles or ["admin"],
+                workspaces=args.workspaces or ["*"],
+                ttl_seconds=args.ttl,
+            )
+        )
+        return 0
     logs.setup(settings.log_level, settings.log_format)
     if not settings.database_url:
         print("error: set DATABASE_URL or pass --database-url", file=sys.stderr)

@@ -59,6 +59,38 @@ class Settings:
     """Serve gRPC server reflection (grpcurl list/describe)."""
     token_key: bytes = b""
     """Key that signs page tokens; replicas must share it. Empty: a random key per process."""
+    dev_disable_auth: bool = False
+    """Development only: serve every call without a bearer token, as an admin of every
+    workspace. Logged loudly at start-up; never set it where anyone else can reach the port."""
+    jwt_secret: bytes = b""
+    """Shared secret that verifies HS256 bearer tokens (text, or base64:...); empty accepts no
+    HS256 token."""
+    jwt_public_key_file: str = ""
+    """PEM file of the public key (RSA or EC) that verifies RS256 or ES256 bearer tokens."""
+    jwt_jwks_file: str = ""
+    """JWKS (JSON Web Key Set) file whose keys, chosen by the token's kid, verify RS256 or ES256
+    bearer tokens; reread when it changes."""
+    jwt_issuer: str = "raptorflow"
+    """The iss every bearer token must carry."""
+    jwt_audience: str = "raptorflow-data"
+    """The aud every bearer token must carry (one of, when it is a list)."""
+    jwt_leeway_seconds: float = 30.0
+    """Clock skew, in seconds, allowed when checking a token's exp and nbf."""
+    tls_cert_file: str = ""
+    """PEM certificate chain of the gRPC port; with tls_key_file it turns TLS on. Reloaded when
+    the file changes, without a restart."""
+    tls_key_file: str = ""
+    """PEM private key of tls_cert_file."""
+    tls_client_ca_file: str = ""
+    """PEM CA bundle that client certificates must chain to; setting it requires mutual TLS."""
+    health_listen: str = ""
+    """HOST:PORT of an extra plaintext port that serves only grpc.health.v1 (for Kubernetes'
+    gRPC probes, which speak neither TLS nor auth); empty: none."""
+    row_security: bool = True
+    """Keep the row-level security net: exposed tables get a policy keyed on the per-transaction
+    workspace setting, which every query of the application role sets."""
+    max_streams_per_caller: int = 100
+    """Most streaming calls one caller (a token's subject) may have open at once."""
     default_page_size: int = 100
     """Rows a select returns when the request gives no page size."""
     max_page_size: int = 1000
@@ -177,6 +209,7 @@ def _settings_table() -> tuple[_Setting, ...]:
     special: Mapping[str, Callable[[str], Any]] = {
         "tables": _parse_tables,
         "token_key": _parse_key,
+        "jwt_secret": _parse_key,
         "log_format": _choice("text", "json"),
         "rpc_log": _choice("all", "errors", "off"),
     }

@@ -37,6 +37,7 @@ Code written against RaptorFlow's old integration layer imports
 `check_database_health()`, `DatabaseConnection`...).
 """
 
+from raptorflow.data.client._auth import TokenSource, bearer_auth
 from raptorflow.data.client._client import DataClient
 from raptorflow.data.client._columns import from_column_batch
 from raptorflow.data.client._config import (
@@ -119,6 +120,7 @@ from raptorflow.data.client._query import (
     neq,
     not_,
 )
+from raptorflow.data.client._tls import tls_credentials
 from raptorflow.data.client._values import (
     Json,
     JsonValue,
@@ -180,6 +182,7 @@ __all__ = [
     "SyncStream",
     "TableQuery",
     "Timeout",
+    "TokenSource",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
@@ -193,6 +196,7 @@ __all__ = [
     "Workspace",
     "all_of",
     "any_of",
+    "bearer_auth",
     "contains",
     "eq",
     "from_column_batch",
@@ -210,5 +214,6 @@ __all__ = [
     "lte",
     "neq",
     "not_",
+    "tls_credentials",
     "to_value",
 ]

@@ -5,11 +5,12 @@
 
 import asyncio
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 from uuid import UUID
 
 import grpc
 import grpc.aio
+from raptorflow.data.client._auth import bearer_auth
 from raptorflow.data.client._config import (
     USE_CLIENT_DEFAULT,
     ClientConfig,
@@ -54,11 +55,16 @@ class DataClient:
         self._config = config if isinstance(config, ClientConfig) else ClientConfig(config)
         options = self._config.channel_arguments()
         credentials = self._config.channel_credentials
+        token = self._config.token
+        # grpc-stubs leaves the aio interceptor types partial (Any, by its own advice).
+        interceptors: list[Any] | None = bearer_auth(token) if token is not None else None
         if credentials is None:
-            self._channel = grpc.aio.insecure_channel(self._config.target, options=options)
+            self._channel = grpc.aio.insecure_channel(
+                self._config.target, options=options, interceptors=interceptors
+            )
         else:
             self._channel = grpc.aio.secure_channel(
-                self._config.target, credentials, options=options
+                self._config.target, credentials, options=options, interceptors=interceptors
             )
         self._stub = workspace_service_pb2_grpc.WorkspaceServiceStub(self._channel)
         self._memory = Memory(self)

@@ -2,8 +2,8 @@
 
 import enum
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import KW_ONLY, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass, field
 from importlib import resources
 from typing import Any, Final, TypeAlias
 
@@ -57,6 +57,12 @@ class ClientConfig:
 
     _: KW_ONLY
 
+    token: str | Callable[[], str] | None = field(default=None, repr=False)
+    """The bearer token (a JWT) sent as ``authorization: Bearer <token>`` on every call, also
+    those made through `DataClient.stub`; a function is called once per call, so a token
+    refreshed elsewhere is picked up. None sends none (the server then answers
+    UNAUTHENTICATED, unless it runs with authentication off for development)."""
+
     timeout: float | None = 10.0
     """Seconds a call may take, retries included, unless the call says otherwise;
     None sets no deadline."""
@@ -77,7 +83,8 @@ class ClientConfig:
     after rolling the transaction back, so a retried write never applies twice."""
 
     channel_credentials: grpc.ChannelCredentials | None = None
-    """TLS credentials, from `grpc.ssl_channel_credentials()`; None connects without TLS."""
+    """TLS credentials, from `tls_credentials()` (or `grpc.ssl_channel_credentials()`); None
+    connects without TLS."""
 
     channel_options: Sequence[tuple[str, Any]] = ()
     """Extra gRPC channel arguments, such as ("grpc.keepalive_time_ms", 30000).

@@ -19,6 +19,10 @@ environment at each call (or what `configure()` set):
 - ``RAPTORFLOW_DATA_TARGET``: the server, "host:port" or any gRPC target
   (default "127.0.0.1:50051", the server's default address);
 - ``RAPTORFLOW_DATA_TIMEOUT``: seconds per call (default 10);
+- ``RAPTORFLOW_DATA_TOKEN``: the bearer token (a JWT) sent on every call;
+- ``RAPTORFLOW_DATA_TLS_CA_FILE``, ``RAPTORFLOW_DATA_TLS_CERT_FILE``,
+  ``RAPTORFLOW_DATA_TLS_KEY_FILE``, ``RAPTORFLOW_DATA_TLS_SERVER_NAME``: TLS (any
+  of them turns it on), with a client certificate for mutual TLS;
 - ``RAPTORFLOW_WORKSPACE_ID``: the workspace of a `DatabaseConnection()` created
   without one.
 
@@ -61,6 +65,7 @@ from raptorflow.data.client._errors import DataError, FailedPrecondition
 from raptorflow.data.client._maintenance import JobState, job_state
 from raptorflow.data.client._memory import SyncEvent
 from raptorflow.data.client._query import TableQuery
+from raptorflow.data.client._tls import tls_credentials
 from raptorflow.data.client._values import JsonValue, PyValue, Row, canonical_workspace_id
 from raptorflow.data.v1 import job_pb2, monitoring_service_pb2
 
@@ -68,6 +73,11 @@ __all__ = [
     "DEFAULT_TARGET",
     "TARGET_ENV",
     "TIMEOUT_ENV",
+    "TLS_CA_FILE_ENV",
+    "TLS_CERT_FILE_ENV",
+    "TLS_KEY_FILE_ENV",
+    "TLS_SERVER_NAME_ENV",
+    "TOKEN_ENV",
     "WORKSPACE_ENV",
     "DatabaseConnection",
     "DatabaseIntegration",
@@ -88,6 +98,17 @@ TARGET_ENV: Final = "RAPTORFLOW_DATA_TARGET"
 """The environment variable with the server's address."""
 TIMEOUT_ENV: Final = "RAPTORFLOW_DATA_TIMEOUT"
 """The environment variable with the seconds each call may take."""
+TOKEN_ENV: Final = "RAPTORFLOW_DATA_TOKEN"
+"""The environment variable with the bearer token sent on every call."""
+TLS_CA_FILE_ENV: Final = "RAPTORFLOW_DATA_TLS_CA_FILE"
+"""The environment variable with the PEM CA bundle the server must chain to (any
+``RAPTORFLOW_DATA_TLS_*`` turns TLS on)."""
+TLS_CERT_FILE_ENV: Final = "RAPTORFLOW_DATA_TLS_CERT_FILE"
+"""The environment variable with the PEM client certificate chain, for mutual TLS."""
+TLS_KEY_FILE_ENV: Final = "RAPTORFLOW_DATA_TLS_KEY_FILE"
+"""The environment variable with the PEM private key of the client certificate."""
+TLS_SERVER_NAME_ENV: Final = "RAPTORFLOW_DATA_TLS_SERVER_NAME"
+"""The environment variable with the name the server's certificate is checked against."""
 WORKSPACE_ENV: Final = "RAPTORFLOW_WORKSPACE_ID"
 """The environment variable with the workspace of `DatabaseConnection()`."""
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
@@ -134,16 +155,29 @@ def client_config() -> ClientConfig:
     if _configured.config is not None:
         return _configured.config
     target = os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+    token = os.environ.get(TOKEN_ENV) or None
+    tls = _tls_from_environment()
     timeout_text = os.environ.get(TIMEOUT_ENV)
     if not timeout_text:
-        return ClientConfig(target)
+        return ClientConfig(target, token=token, **tls)
     try:
         timeout = float(timeout_text)
     except ValueError:
         timeout = 0.0
     if not timeout > 0:
         raise ValueError(f"{TIMEOUT_ENV}={timeout_text!r} is not a positive number of seconds")
-    return ClientConfig(target, timeout=timeout)
+    return ClientConfig(target, token=token, timeout=timeout, **tls)
+
+
+def _tls_from_environment() -> dict[str, Any]:
+    ca, cert, key, name = (
+        os.environ.get(env) or None
+        for env in (TLS_CA_FILE_ENV, TLS_CERT_FILE_ENV, TLS_KEY_FILE_ENV, TLS_SERVER_NAME_ENV)
+    )
+    if not (ca or cert or key or name):
+        return {}
+    options = [("grpc.ssl_target_name_override", name)] if name else []
+    return {"channel_credentials": tls_credentials(ca, cert, key), "channel_options": options}
 
 
 @contextlib.asynccontextmanager

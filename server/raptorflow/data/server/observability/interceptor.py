@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from raptorflow.data.server.auth.principal import current_principal
 from raptorflow.data.server.db.activity import current_caller
 from raptorflow.data.server.handler_wrapping import (
     Behavior,
@@ -157,6 +158,10 @@ class MethodCalls:
                 workspace = getattr(request, "workspace_id", "")
                 if workspace:
                     extra["workspace"] = workspace[:_MAX_WORKSPACE_CHARS]
+            # Set by the authorization interceptor inside this one, in the same task.
+            principal = current_principal.get()
+            if principal is not None:
+                extra["caller"] = principal.subject
             rpc_log.info("%s %s %.1f ms", self.method, status, milliseconds, extra=extra)
 
 

@@ -2,9 +2,10 @@
 
 With `log_format` "json" every record is one line holding `time` (UTC, ISO
 8601 with milliseconds), `level`, `logger` and `message`, then any fields the
-call passed in `extra` (the RPC log line's `method`, `workspace`, `status`,
-`duration_ms`; the leak watchdog's `holder`, `held_seconds`, `backend_pid`),
-and `exception` with the traceback when there is one. The service logs no row
+call passed in `extra` (the RPC log line's `method`, `workspace`, `caller` (the
+token's subject), `status`, `duration_ms`; the leak watchdog's `holder`,
+`held_seconds`, `backend_pid`), and `exception` with the traceback when there
+is one. The service logs no row
 values: the RPC line names the workspace and never another request field.
 """
 
