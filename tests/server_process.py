@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 import time
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -79,3 +80,34 @@ async def wait_until_serving(
             except grpc.aio.AioRpcError:
                 pass
             await asyncio.sleep(0.1)
+
+
+@dataclass(frozen=True)
+class Exited:
+    """How a command run to its end went."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def run_command(
+    *args: str, env: dict[str, str] | None = None, within: float = 20.0
+) -> Exited:
+    """Runs `args` to its end (killed past `within` seconds) in `env` (default: the test's
+    environment without settings)."""
+    process = await asyncio.create_subprocess_exec(
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env if env is not None else command_environment(),
+    )
+    try:
+        async with asyncio.timeout(within):
+            stdout, stderr = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return Exited(process.returncode, stdout.decode(), stderr.decode())

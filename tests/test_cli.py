@@ -12,7 +12,6 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import asyncpg
 import pytest
@@ -21,34 +20,19 @@ from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
 from raptorflow.data.server.db.migrations import bundled_migrations
 from raptorflow.data.v1 import workspace_service_pb2, workspace_service_pb2_grpc
-from server_process import COMMAND, command_environment, free_port, spawn_serve, wait_until_serving
+from server_process import (
+    COMMAND,
+    Exited,
+    free_port,
+    run_command,
+    spawn_serve,
+    wait_until_serving,
+)
 from tokens import authorized_channel
 
 
-@dataclass(frozen=True)
-class Exited:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 async def raptorflow_data(*args: str, within: float = 20.0) -> Exited:
-    process = await asyncio.create_subprocess_exec(
-        *COMMAND,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=command_environment(),
-    )
-    try:
-        async with asyncio.timeout(within):
-            stdout, stderr = await process.communicate()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return Exited(process.returncode, stdout.decode(), stderr.decode())
+    return await run_command(*COMMAND, *args, within=within)
 
 
 # -- health ---------------------------------------------------------------------

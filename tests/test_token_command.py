@@ -13,7 +13,6 @@ import stat
 import sys
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -29,7 +28,7 @@ from raptorflow.data.v1 import (
     workspace_service_pb2,
     workspace_service_pb2_grpc,
 )
-from server_process import COMMAND, command_environment
+from server_process import COMMAND, Exited, command_environment, run_command
 from statuses import rpc_error
 from tokens import AUDIENCE, ISSUER, TEST_JWT_SECRET, bearer
 
@@ -37,31 +36,6 @@ ws = workspace_service_pb2
 REPO = Path(__file__).resolve().parent.parent
 DEV_AUTH = REPO / "tools" / "dev_auth.py"
 TIMEOUT = 10.0
-
-
-@dataclass(frozen=True)
-class Exited:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-async def run(*args: str, env: dict[str, str] | None = None, within: float = 20.0) -> Exited:
-    process = await asyncio.create_subprocess_exec(
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env if env is not None else command_environment(),
-    )
-    try:
-        async with asyncio.timeout(within):
-            stdout, stderr = await process.communicate()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return Exited(process.returncode, stdout.decode(), stderr.decode())
 
 
 def with_secret(secret: str | None) -> dict[str, str]:
@@ -72,7 +46,7 @@ def with_secret(secret: str | None) -> dict[str, str]:
 
 
 async def token_command(*args: str, secret: str | None = TEST_JWT_SECRET.decode()) -> Exited:
-    return await run(*COMMAND, "token", *args, env=with_secret(secret))
+    return await run_command(*COMMAND, "token", *args, env=with_secret(secret))
 
 
 def claims_of(token: str, secret: bytes = TEST_JWT_SECRET) -> dict[str, object]:
@@ -218,7 +192,7 @@ async def test_dev_auth_keeps_one_private_secret_and_prints_a_token_that_verifie
     dev_auth: Path,
 ) -> None:
     devdb = dev_auth.parent.parent / ".devdb"
-    first = await run(sys.executable, str(dev_auth), "--", *PRINT_SECRET)
+    first = await run_command(sys.executable, str(dev_auth), "--", *PRINT_SECRET)
     assert first.returncode == 0, first
     secret_file, token_file = devdb / "jwt-secret", devdb / "dev-token"
     secret = secret_file.read_text().strip()
@@ -232,7 +206,7 @@ async def test_dev_auth_keeps_one_private_secret_and_prints_a_token_that_verifie
     assert 11 * 3600 < claims_of(token, secret.encode())["exp"] - time.time() <= 12 * 3600  # type: ignore[operator]
 
     # A second run reuses the secret: tokens printed before keep working.
-    second = await run(sys.executable, str(dev_auth), "--", *PRINT_SECRET)
+    second = await run_command(sys.executable, str(dev_auth), "--", *PRINT_SECRET)
     assert second.returncode == 0, second
     assert second.stdout.strip() == secret
     assert secret_file.read_text().strip() == secret
@@ -244,8 +218,8 @@ async def test_dev_auth_leaves_configured_keys_and_disabled_auth_alone(dev_auth:
     devdb = dev_auth.parent.parent / ".devdb"
     own = "an-operator-chosen-secret-of-32-bytes-or-more"
     configured, disabled = await asyncio.gather(
-        run(sys.executable, str(dev_auth), "--", *PRINT_SECRET, env=with_secret(own)),
-        run(
+        run_command(sys.executable, str(dev_auth), "--", *PRINT_SECRET, env=with_secret(own)),
+        run_command(
             sys.executable,
             str(dev_auth),
             "--",
