@@ -110,6 +110,11 @@ class Backups:
         """Streams header, chunks and manifest of one consistent snapshot."""
         scope = await self.resolve_scope(request.scope, "scope")
         chunk_bytes = backup_stream.chunk_bytes(request.chunk_bytes)
+        # A chunk with its table name, sequence and SHA-256 must fit one message.
+        chunk_bytes = max(
+            backup_stream.MIN_CHUNK_BYTES,
+            min(chunk_bytes, self._settings.max_message_bytes - 1024),
+        )
         budget = deadline.timeout(self._settings.backup_timeout)
         messages = self._export(
             scope, chunk_bytes, budget, self._settings.acquire_timeout, backup_stream.Report()

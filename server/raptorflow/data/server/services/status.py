@@ -4,7 +4,9 @@ Servicer methods are wrapped with `@rpc_errors`. A `ServiceError` keeps its code
 reason and field violations; any other exception is first mapped to one by
 `db/failures.py` (asyncpg errors by SQLSTATE, an unreachable database as
 UNAVAILABLE, anything else INTERNAL). No SQL text, detail line or stack trace
-reaches the caller, and nothing is UNKNOWN.
+reaches the caller, and nothing is UNKNOWN. A status echoing a huge request field is
+cut to fit gRPC's metadata limit (`bounded`), or the caller would get RESOURCE_EXHAUSTED
+from its own channel instead of the error.
 """
 
 from __future__ import annotations
@@ -20,13 +22,73 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from raptorflow.data.server.db.failures import to_service_error
-from raptorflow.data.server.errors import ERROR_DOMAIN, Code, ServiceError
+from raptorflow.data.server.errors import ERROR_DOMAIN, Code, FieldViolation, ServiceError
 
 _GRPC_CODES: Mapping[Code, grpc.StatusCode] = {code: grpc.StatusCode[code.value] for code in Code}
 
+# A client drops a response whose metadata passes 8 KiB (gRPC's default soft limit; 16 KiB
+# hard) and reports RESOURCE_EXHAUSTED ("Stream removed") instead of the error. Messages
+# and details echo request fields (a table name, a value) of any size, so a status is cut
+# to fit: its message goes out twice (grpc-message, percent-encoded at up to three bytes a
+# byte, and in the details), the details once, base64-encoded. At these bounds the whole
+# trailer stays under about 7 KiB.
+MAX_MESSAGE_BYTES = 512
+MAX_FIELD_BYTES = 512
+MAX_DESCRIPTION_BYTES = 256
+MAX_VIOLATIONS_BYTES = 2048
+MAX_METADATA_BYTES = 1024
+MAX_METADATA_VALUE_BYTES = 128
+# What protobuf adds around each field violation or metadata entry (tags and lengths),
+# counted against the budgets so that thousands of tiny ones cannot pass them either.
+_ENTRY_OVERHEAD = 8
+_ELLIPSIS = "…"
+
+
+def _cut(text: str, limit: int) -> str:
+    """`text` in at most `limit` UTF-8 bytes, ending in an ellipsis when it was cut."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    # errors="ignore" drops a character the cut split in two.
+    return data[: limit - len(_ELLIPSIS.encode())].decode(errors="ignore") + _ELLIPSIS
+
+
+def bounded(error: ServiceError) -> ServiceError:
+    """`error` cut to fit gRPC's metadata limit: message, field violations (the first ones
+    that fit) and ErrorInfo metadata each within a byte budget. Small errors come back as
+    they are."""
+    violations: list[FieldViolation] = []
+    budget = MAX_VIOLATIONS_BYTES
+    for violation in error.violations:
+        field_path = _cut(violation.field, MAX_FIELD_BYTES)
+        description = _cut(violation.description, MAX_DESCRIPTION_BYTES)
+        size = len(field_path.encode()) + len(description.encode()) + _ENTRY_OVERHEAD
+        if size > budget:
+            break
+        budget -= size
+        violations.append(FieldViolation(field_path, description))
+    metadata: dict[str, str] = {}
+    budget = MAX_METADATA_BYTES
+    for name, text in error.metadata.items():
+        key, value = _cut(name, MAX_METADATA_VALUE_BYTES), _cut(text, MAX_METADATA_VALUE_BYTES)
+        size = len(key.encode()) + len(value.encode()) + _ENTRY_OVERHEAD
+        if size > budget:
+            break
+        budget -= size
+        metadata[key] = value
+    message = _cut(error.message, MAX_MESSAGE_BYTES)
+    if (
+        message is error.message
+        and violations == list(error.violations)
+        and metadata == dict(error.metadata)
+    ):
+        return error
+    return ServiceError(error.code, error.reason, message, tuple(violations), metadata)
+
 
 def to_status(error: ServiceError) -> status_pb2.Status:
-    """A google.rpc.Status with one ErrorInfo and, for bad input, a BadRequest."""
+    """A google.rpc.Status with one ErrorInfo and, for bad input, a BadRequest (of `error`
+    as it is: `abort_with` bounds it first)."""
     grpc_code = _GRPC_CODES[error.code]
     info = error_details_pb2.ErrorInfo(
         reason=error.reason, domain=ERROR_DOMAIN, metadata=dict(error.metadata)
@@ -54,6 +116,8 @@ def to_status(error: ServiceError) -> status_pb2.Status:
 
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: ServiceError) -> None:
+    """Ends the call with `error` (cut to fit the metadata limit) as its status and details."""
+    error = bounded(error)
     status = to_status(error)
     await context.abort(
         _GRPC_CODES[error.code],
