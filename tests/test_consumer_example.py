@@ -8,6 +8,7 @@ describes, served by a server of its own.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -20,6 +21,7 @@ import pytest
 from conftest import start_server
 from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
+from tokens import mint
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "consumer.py"
 SCHEMA = "consumer_example"
@@ -68,6 +70,8 @@ async def _run_example(server: RunningServer, workspace: str) -> str:
         workspace,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        # An agent of this one workspace: the example needs no more.
+        env={**os.environ, "RAPTORFLOW_DATA_TOKEN": mint("agent", [workspace])},
     )
     # communicate() keeps this loop, and with it the in-process server, running.
     stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=30)

@@ -298,7 +298,22 @@ async def test_unfiltered_delete_deletes_only_own_rows(stub, db, pair):
 @pytest.mark.parametrize("action", [pb.CONFLICT_ACTION_UPDATE, pb.CONFLICT_ACTION_IGNORE])
 async def test_upsert_on_other_workspaces_primary_key_leaves_it_unchanged(stub, db, pair, action):
     mine_before = await snapshot(db, pair.mine)
-    upserted = await stub.Upsert(
+
+    async def upsert(request: pb.UpsertRequest) -> None:
+        if action == pb.CONFLICT_ACTION_UPDATE:
+            # Row-level security (on by default) refuses to update a row the caller may
+            # not see; a plain insert of that key is ALREADY_EXISTS as well.
+            refused = await rpc_error(stub.Upsert(request))
+            assert (refused.code, refused.reason) == (
+                grpc.StatusCode.ALREADY_EXISTS,
+                "UNIQUE_VIOLATION",
+            )
+            return
+        upserted = await stub.Upsert(request)
+        assert upserted.affected_count == 0
+        assert list(upserted.returning.rows) == []
+
+    await upsert(
         pb.UpsertRequest(
             workspace_id=pair.mine,
             table="campaigns",
@@ -309,13 +324,11 @@ async def test_upsert_on_other_workspaces_primary_key_leaves_it_unchanged(stub, 
             returning=["*"],
         )
     )
-    assert upserted.affected_count == 0
-    assert list(upserted.returning.rows) == []
     await assert_untouched(db, pair)
     assert await snapshot(db, pair.mine) == mine_before
     # The odd table's primary key too, with every column overwritten.
     odd_id = json.loads(pair.their_rows['"Odd ""Name"" table"'][0])["id"]
-    odd = await stub.Upsert(
+    await upsert(
         pb.UpsertRequest(
             workspace_id=pair.mine,
             table=ODD_TABLE,
@@ -325,7 +338,6 @@ async def test_upsert_on_other_workspaces_primary_key_leaves_it_unchanged(stub, 
             on_conflict=action,
         )
     )
-    assert odd.affected_count == 0
     await assert_untouched(db, pair)
 
 
@@ -416,7 +428,7 @@ async def test_batch_stays_in_its_workspace(stub, db, pair):
                         columns=["id", "name"],
                         rows=[Row(values=[v(i), v(f"hijack {i}")]) for i in pair.their_ids],
                         conflict_columns=["id"],
-                        on_conflict=pb.CONFLICT_ACTION_UPDATE,
+                        on_conflict=pb.CONFLICT_ACTION_IGNORE,
                     )
                 ),
                 pb.BatchOperation(
@@ -437,6 +449,35 @@ async def test_batch_stays_in_its_workspace(stub, db, pair):
     counts = [getattr(r, r.WhichOneof("result")).affected_count for r in done.results]
     assert counts == [len(ROWS), 0, 0, len(ROWS)]
     await assert_untouched(db, pair)
+    # Updating their rows by key fails the whole batch (row-level security), own
+    # changes before it included.
+    mine = await snapshot(db, pair.mine)
+    hijack = await rpc_error(
+        stub.ExecuteBatch(
+            pb.ExecuteBatchRequest(
+                workspace_id=pair.mine,
+                operations=[
+                    pb.BatchOperation(
+                        update=pb.UpdateRequest(
+                            table="campaigns", values={"status": v("again")}, allow_unfiltered=True
+                        )
+                    ),
+                    pb.BatchOperation(
+                        upsert=pb.UpsertRequest(
+                            table="campaigns",
+                            columns=["id", "name"],
+                            rows=[Row(values=[v(pair.their_ids[0]), v("hijack")])],
+                            conflict_columns=["id"],
+                            on_conflict=pb.CONFLICT_ACTION_UPDATE,
+                        )
+                    ),
+                ],
+            )
+        )
+    )
+    assert hijack.code == grpc.StatusCode.ALREADY_EXISTS
+    await assert_untouched(db, pair)
+    assert await snapshot(db, pair.mine) == mine
 
 
 # ---------------------------------------------------------------------------

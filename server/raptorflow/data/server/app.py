@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from raptorflow.data.server.auth import tls
 from raptorflow.data.server.auth.interceptor import Authorization
 from raptorflow.data.server.config import Settings
-from raptorflow.data.server.db import migrations
+from raptorflow.data.server.db import migrations, row_security
 from raptorflow.data.server.db.catalog import Catalog, CatalogCache, load_catalog
 from raptorflow.data.server.db.connections import Database
 from raptorflow.data.server.db.page_tokens import PageTokenCodec
@@ -163,6 +163,13 @@ def _catalog_loader(settings: Settings, database: Database) -> Callable[[], Awai
                     conn, settings.query_role, settings.schema, sorted(fresh)
                 )
                 provisioned.update(fresh)
+            # Every table at every load (one catalog read when nothing differs), so a
+            # table re-created or altered by hand gets its policies back.
+            await row_security.provision(
+                conn,
+                [row_security.ProtectedTable.of(t) for t in catalog.tables.values()],
+                enabled=settings.row_security,
+            )
         return catalog
 
     return load
@@ -173,6 +180,9 @@ async def run_migrations(settings: Settings, database: Database) -> list[int]:
         applied = await migrations.apply_migrations(conn, migrations.bundled_migrations())
         if settings.query_role:
             await migrations.provision_app_role(conn, settings.query_role, settings.schema)
+        await row_security.provision(
+            conn, row_security.SERVICE_TABLES, enabled=settings.row_security
+        )
     return applied
 
 

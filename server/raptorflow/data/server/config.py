@@ -87,8 +87,10 @@ class Settings:
     """HOST:PORT of an extra plaintext port that serves only grpc.health.v1 (for Kubernetes'
     gRPC probes, which speak neither TLS nor auth); empty: none."""
     row_security: bool = True
-    """Keep the row-level security net: exposed tables get a policy keyed on the per-transaction
-    workspace setting, which every query of the application role sets."""
+    """Keep the row-level security net: the exposed tables and raptorflow_data.memory_records get
+    policies keyed on the per-transaction workspace setting, which every workspace call sets (one
+    transaction per call: two round trips more). Off removes the service's policies again at
+    start-up and every catalog reload; every replica on one database must use the same value."""
     max_streams_per_caller: int = 100
     """Most streaming calls one caller (a token's subject) may have open at once."""
     default_page_size: int = 100

@@ -8,6 +8,14 @@ dead. Pooled connections carry no session state:
 the per-call deadline travels with each statement, so the pool needs no reset
 query on release. What the module records about its own use (holds, slow
 statements, checks) is in `activity.py`.
+
+Workspace scoping (`Database.workspace_connection`): with `row_security` on,
+every statement a caller runs for one workspace runs in a transaction whose
+first statements set `raptorflow.workspace_id` locally (SET LOCAL), so the
+row-level security policies of `row_security.py` let it see that workspace's
+rows only, and nothing of the setting outlives the transaction. Owner-pool
+connections carry `raptorflow.all_workspaces = on` for their whole session,
+which the owner's own policy asks for: maintenance keeps seeing every row.
 """
 
 from __future__ import annotations
@@ -17,9 +25,10 @@ import contextlib
 import functools
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import asyncpg
 import tenacity
@@ -60,6 +69,49 @@ _CHECK_ERRORS: tuple[type[BaseException], ...] = (
 # Connections of the job pool (`open_jobs`): short statements only, so a few suffice.
 JOB_POOL_MAX_SIZE = 3
 
+WORKSPACE_SETTING = "raptorflow.workspace_id"
+"""The transaction-local setting that names the one workspace whose rows a statement may see
+or write; the row-level security policies compare each row with it (`row_security.py`)."""
+ALL_WORKSPACES_SETTING = "raptorflow.all_workspaces"
+"""'on' for the whole session of every owner-pool connection: the owner's own policy lets
+maintenance (backups, retention, pruning) reach every workspace's rows only where it is on."""
+
+Isolation: TypeAlias = Literal["read_committed", "repeatable_read", "serializable"]
+
+# The query role's name when row-level security cannot bind it; NULL when it can.
+_UNBOUND_ROLE_SQL = """
+SELECT rolname FROM pg_catalog.pg_roles
+WHERE rolname = current_user AND (rolsuper OR rolbypassrls)
+"""
+
+
+def begin_script(
+    workspace: uuid.UUID | None,
+    *,
+    isolation: Isolation | None = None,
+    readonly: bool = False,
+    prelude: str = "",
+) -> str:
+    """BEGIN, then the workspace setting and `prelude` (fixed SQL), as one simple-protocol
+    script: a transaction scoped to a workspace costs one round trip to open, not two.
+
+    The workspace is rendered into the text, which is safe only because it is a
+    uuid.UUID: its text form is 32 hex digits and four hyphens, nothing else.
+    """
+    begin = "BEGIN"
+    if isolation is not None:
+        begin += " ISOLATION LEVEL " + isolation.replace("_", " ").upper()
+    if readonly:
+        begin += " READ ONLY"
+    parts = [begin]
+    if workspace is not None:
+        if type(workspace) is not uuid.UUID:
+            raise TypeError(f"a workspace is a uuid.UUID, not {type(workspace).__name__}")
+        parts.append(f"SET LOCAL {WORKSPACE_SETTING} = '{workspace}'")
+    if prelude:
+        parts.append(prelude)
+    return "; ".join(parts)
+
 
 def owner_pool_max_size(settings: Settings) -> int:
     """Two connections for catalog reloads, pruning and streamed backups, plus one per job
@@ -71,6 +123,7 @@ def owner_pool_max_size(settings: Settings) -> int:
 Connection: TypeAlias = (
     "asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 )
+_Pooled: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 
 
 @dataclass(frozen=True)
@@ -125,6 +178,8 @@ class Database:
         self._session: asyncpg.Connection | None = None
         self._session_lock = asyncio.Lock()
         self._listeners: list[asyncio.Task[None]] = []
+        # Rollbacks of failed workspace transactions, referenced until they end.
+        self._endings: set[asyncio.Future[None]] = set()
         # Observability (issue 4): who holds which query-pool connection, how many
         # callers wait for one, and the most held at once since `take_peak_in_use`.
         self._holds: set[Hold] = set()
@@ -145,8 +200,14 @@ class Database:
             # A cap for any statement, even one whose client-side timer is lost.
             "statement_timeout": str(int(self._settings.statement_timeout * 1000)),
         }
-        if as_app_role and self._settings.query_role:
-            server_settings["role"] = self._settings.query_role
+        if as_app_role:
+            if self._settings.query_role:
+                server_settings["role"] = self._settings.query_role
+        else:
+            # Maintenance sees every workspace through the owner's own policy
+            # (row_security.py). The query pool never carries this, so even queries
+            # that run as the owner stay bound to one workspace.
+            server_settings[ALL_WORKSPACES_SETTING] = "on"
         return {"timeout": self._settings.connect_timeout, "server_settings": server_settings}
 
     def _retrying(self) -> tenacity.AsyncRetrying:
@@ -205,7 +266,16 @@ class Database:
                     init=self._init_query_connection,
                     **self._connect_kwargs(as_app_role=True),
                 )
-        await self._ensure_session()
+        session = await self._ensure_session()
+        if self._settings.row_security:
+            # Superusers and BYPASSRLS roles ignore every policy: say so once, loudly.
+            unbound = await session.fetchval(_UNBOUND_ROLE_SQL)
+            if unbound:
+                log.warning(
+                    "row security is on, but queries run as %s, a superuser or BYPASSRLS "
+                    "role that no policy binds: set app_role, or a database_url of a plain role",
+                    unbound,
+                )
 
     async def _init_query_connection(self, connection: asyncpg.Connection) -> None:
         await codecs.register(connection)
@@ -341,7 +411,100 @@ class Database:
         `leak_seconds` is reclaimed by the leak watchdog (`reclaim`), unless
         `long_lived` says the caller holds it on purpose for as long as a stream
         runs (a sync snapshot). A reclaimed connection is not released again here.
+
+        Statements on it are not scoped to a workspace: with `row_security` on
+        they see no row of a protected table. Workspace calls use
+        `workspace_connection`.
         """
+        connection, hold = await self._acquire(deadline, long_lived)
+        try:
+            yield connection
+        finally:
+            await self._release(connection, hold)
+
+    @contextlib.asynccontextmanager
+    async def workspace_connection(
+        self,
+        deadline: Deadline,
+        workspace: uuid.UUID,
+        *,
+        transaction: bool = False,
+        isolation: Isolation | None = None,
+        readonly: bool = False,
+        prelude: str = "",
+        long_lived: bool = False,
+    ) -> AsyncIterator[Connection]:
+        """A query-pool connection (as `connection` gives it) whose statements reach `workspace`.
+
+        With `row_security` on, the block runs in one transaction that sets the
+        workspace locally: committed when the block ends, rolled back when it
+        raises (or is cancelled). Opening it is one round trip (`begin_script`),
+        committing another. With it off, a transaction is opened only when the
+        caller needs one (`transaction`, for atomicity or for `isolation`), and
+        otherwise the connection is handed over as it is, as before the net.
+
+        `isolation`, `readonly` and `prelude` (fixed SQL run right after BEGIN,
+        such as SET LOCAL statements) apply whenever a transaction is opened.
+        The block must not open a transaction of its own: it already is one.
+        BEGIN and COMMIT are bounded by the deadline like any statement; a COMMIT
+        past the deadline is not sent, so the call fails as DEADLINE_EXCEEDED
+        with nothing written.
+        """
+        scoped = self._settings.row_security
+        connection, hold = await self._acquire(deadline, long_lived)
+        if not scoped and not transaction:
+            try:
+                yield connection
+            finally:
+                await self._release(connection, hold)
+            return
+        cap = self._settings.statement_timeout
+        script = begin_script(
+            workspace if scoped else None, isolation=isolation, readonly=readonly, prelude=prelude
+        )
+        try:
+            await connection.execute(script, timeout=deadline.timeout(cap))
+            yield connection
+            await connection.execute("COMMIT", timeout=deadline.timeout(cap))
+        except BaseException:
+            await self._end_failed(connection, hold)
+            raise
+        await self._release(connection, hold)
+
+    async def _end_failed(self, connection: _Pooled, hold: Hold) -> None:
+        """Rolls a failed block's transaction back, then releases its connection.
+
+        Both run as a task of their own, shielded: grpc.aio may cancel a call's
+        handler more than once (deadline, then the end of the call), and a cancel
+        that cut the rollback short would leave the cancelled statement's backend
+        running on (only terminating the connection would be left, and PostgreSQL
+        does not notice a closed socket while it waits for a lock). A second
+        cancel ends only this wait.
+        """
+        ending = asyncio.ensure_future(self._roll_back_and_release(connection, hold))
+        self._endings.add(ending)
+        ending.add_done_callback(self._endings.discard)
+        try:
+            await asyncio.shield(ending)
+        except Exception as exc:  # the caller's own error is the one it reports
+            log.debug("ending a failed transaction: %s", exc or type(exc).__name__)
+
+    async def _roll_back_and_release(self, connection: _Pooled, hold: Hold) -> None:
+        try:
+            # A lost or reclaimed connection has left the pool already (asyncpg then
+            # refuses every call on its proxy): there is nothing to roll back.
+            if not connection.is_closed() and connection.is_in_transaction():
+                # asyncpg first waits for the cancellation of a statement cut short.
+                await connection.execute("ROLLBACK", timeout=self._settings.statement_timeout)
+        except Exception as exc:
+            # Never hand on a connection whose transaction may still be open.
+            log.debug("rollback failed, closing the connection: %s", exc or type(exc).__name__)
+            with contextlib.suppress(Exception):
+                connection.terminate()
+        finally:
+            await self._release(connection, hold)
+
+    async def _acquire(self, deadline: Deadline, long_lived: bool) -> tuple[_Pooled, Hold]:
         remaining = deadline.remaining()
         acquire_timeout = self._settings.acquire_timeout
         deadline_first = remaining is not None and remaining < acquire_timeout
@@ -371,26 +534,27 @@ class Database:
         holds = self._holds
         holds.add(hold)
         self._peak_in_use = max(self._peak_in_use, len(holds))
-        try:
-            yield connection
-        finally:
-            holds.discard(hold)
-            # A reclaimed connection was terminated by the watchdog, which already
-            # gave its slot back: releasing it again is skipped.
-            if not hold.reclaimed:
-                # Shielded: a cancelled call must still hand its connection back, and
-                # asyncpg waits for the server to confirm the cancelled query first.
-                # Pool.release shields that work itself (it runs the hand-back under
-                # asyncio.shield, as a task of its own), so a second cancel during
-                # the release ends only our wait, never the release; shielding it
-                # again here would only cost one more task per call.
-                # The timeout is explicit because asyncpg would otherwise reuse the
-                # acquire wait (often a few milliseconds of deadline) and, past it,
-                # drop the connection without cancelling: the query would then run
-                # on in PostgreSQL, and commit, after the caller was told it failed.
-                # PostgreSQL ends any statement by statement_timeout in any case.
-                release_timeout = self._settings.statement_timeout + self._settings.connect_timeout
-                await self.query_pool.release(connection, timeout=release_timeout)
+        return connection, hold
+
+    async def _release(self, connection: _Pooled, hold: Hold) -> None:
+        self._holds.discard(hold)
+        # A reclaimed connection was terminated by the watchdog, which already
+        # gave its slot back: releasing it again is skipped.
+        if hold.reclaimed:
+            return
+        # Shielded: a cancelled call must still hand its connection back, and
+        # asyncpg waits for the server to confirm the cancelled query first.
+        # Pool.release shields that work itself (it runs the hand-back under
+        # asyncio.shield, as a task of its own), so a second cancel during
+        # the release ends only our wait, never the release; shielding it
+        # again here would only cost one more task per call.
+        # The timeout is explicit because asyncpg would otherwise reuse the
+        # acquire wait (often a few milliseconds of deadline) and, past it,
+        # drop the connection without cancelling: the query would then run
+        # on in PostgreSQL, and commit, after the caller was told it failed.
+        # PostgreSQL ends any statement by statement_timeout in any case.
+        release_timeout = self._settings.statement_timeout + self._settings.connect_timeout
+        await self.query_pool.release(connection, timeout=release_timeout)
 
     def pool_stats(self) -> Mapping[str, int]:
         pool = self.query_pool

@@ -57,6 +57,8 @@ def _from_postgres(exc: asyncpg.PostgresError) -> ServiceError:
     code, reason = _BY_SQLSTATE.get(sqlstate) or _BY_CLASS.get(
         sqlstate[:2], (Code.INTERNAL, "DATABASE_ERROR")
     )
+    if sqlstate == "42501" and "row-level security" in str(exc.args[0] if exc.args else ""):
+        return _row_security_violation(str(exc.args[0]))
     if sqlstate == "57014" and "statement timeout" not in str(exc):
         # Cancelled by an operator (pg_cancel_backend): rolled back, safe to retry.
         code, reason = Code.ABORTED, "QUERY_CANCELED"
@@ -114,3 +116,23 @@ def to_service_error(exc: BaseException) -> ServiceError:
         )
     log.exception("unexpected error in a call", exc_info=exc)
     return ServiceError(Code.INTERNAL, "INTERNAL", "the service failed unexpectedly")
+
+
+def _row_security_violation(message: str) -> ServiceError:
+    """A statement the row-level security net stopped (db/row_security.py).
+
+    "(USING expression)": an upsert met, on its conflict key, a row of another
+    workspace, which it may neither see nor update; a plain insert of that key
+    would fail with a unique violation, so this one reads the same. Otherwise a
+    write would have put a row into another workspace, which the compiler
+    refuses before any statement runs: the net caught what it is there for.
+    """
+    if "(USING expression)" in message:
+        return ServiceError(
+            Code.ALREADY_EXISTS,
+            "UNIQUE_VIOLATION",
+            "a row of another workspace holds the conflict key",
+        )
+    return ServiceError(
+        Code.PERMISSION_DENIED, "ROW_SECURITY", "the row is outside the request's workspace"
+    )

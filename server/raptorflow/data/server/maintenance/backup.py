@@ -50,6 +50,11 @@ from raptorflow.data.v1 import job_pb2, maintenance_service_pb2
 pb = maintenance_service_pb2
 log = logging.getLogger(__name__)
 
+# True when row-level security applies to the restoring role on a table ($1, regclass text).
+_ROW_SECURITY_ACTIVE = "SELECT row_security_active($1::regclass)"
+# The temporary table a restore loads such a table through.
+_STAGING = "raptorflow_restore"
+
 # Messages waiting between an export's COPY and its reader: the memory an export holds
 # is about this many chunks, however large the tables.
 _QUEUED_MESSAGES = 4
@@ -487,10 +492,20 @@ class Backups:
         table = shape.table
         await report.start(table.name)
         data = incoming.table_data(table.name, report)
+        # COPY FROM refuses a table whose row-level security applies to this role: an
+        # owner that is neither superuser nor BYPASSRLS, under FORCE (db/row_security.py).
+        # Such a table is loaded into a temporary copy first, then INSERTed, which the
+        # owner's all-workspaces policy admits.
+        staged = await conn.fetchval(_ROW_SECURITY_ACTIVE, table.qualified)
+        target, schema = (_STAGING, "pg_temp") if staged else (table.name, table.schema)
         try:
+            if staged:
+                await conn.execute(
+                    f"CREATE TEMPORARY TABLE {_STAGING} (LIKE {table.qualified}) ON COMMIT DROP"
+                )
             status = await conn.copy_to_table(
-                table.name,
-                schema_name=table.schema,
+                target,
+                schema_name=schema,
                 columns=shape.column_names,
                 source=data,
                 format="binary",
@@ -498,6 +513,13 @@ class Backups:
             )
         finally:
             await data.aclose()
+        if staged:
+            columns = ", ".join(c.quoted for c in shape.columns)
+            status = await conn.execute(
+                f"INSERT INTO {table.qualified} ({columns}) OVERRIDING SYSTEM VALUE"
+                f" SELECT {columns} FROM pg_temp.{_STAGING}"
+            )
+            await conn.execute(f"DROP TABLE pg_temp.{_STAGING}")
         rows = backup_tables.copied_rows(status)
         report.finish(table.name, "COPY FROM", rows)
         return rows

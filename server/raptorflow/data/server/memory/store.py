@@ -3,7 +3,9 @@
 A batch is validated whole (every bad field is reported at once, up to a few),
 then written by one statement, so it commits entirely or not at all; so is a
 delete. Search is exact cosine similarity; `queries.py` explains how the
-pgvector path and the plain SQL path come to return identical results.
+pgvector path and the plain SQL path come to return identical results. Every
+statement runs scoped to its workspace (`Database.workspace_connection`), which
+the table's row-level security policy checks (`db/row_security.py`).
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ class MemoryStore:
             dimensions,
             components,
         )
-        async with self._database.connection(deadline) as conn:
+        async with self._database.workspace_connection(deadline, workspace) as conn:
             rows = await conn.fetch(
                 queries.UPSERT_SQL,
                 *args,
@@ -158,7 +160,7 @@ class MemoryStore:
         if failure is not None:
             raise failure
         workspace = parse_uuid(request.workspace_id, "workspace_id")
-        async with self._database.connection(deadline) as conn:
+        async with self._database.workspace_connection(deadline, workspace) as conn:
             deleted = await conn.fetchval(
                 queries.DELETE_SQL,
                 workspace,
@@ -189,7 +191,7 @@ class MemoryStore:
         if self._vector_search_sql is not None and low <= _norm(embedding) <= high:
             sql = self._vector_search_sql
             args.append(2 * queries.float32_cosine_error(len(embedding)))
-        async with self._database.connection(deadline) as conn:
+        async with self._database.workspace_connection(deadline, workspace) as conn:
             rows = await conn.fetch(
                 sql, *args, timeout=deadline.timeout(self._settings.statement_timeout)
             )

@@ -1,12 +1,15 @@
 """WorkspaceService: workspace-scoped table access, kept thin.
 
 Each method looks the table up in the catalog, has the compiler build the
-statement, runs it on a pool connection within the call's deadline, and shapes
-the response. SQL lives in `db/compiler.py`; errors are mapped by `@rpc_errors`.
+statement, runs it on a pool connection scoped to the request's workspace
+(`Database.workspace_connection`: the row-level security net's transaction)
+within the call's deadline, and shapes the response. SQL lives in
+`db/compiler.py`; errors are mapped by `@rpc_errors`.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,6 +61,11 @@ class WorkspaceServicer(workspace_service_pb2_grpc.WorkspaceServiceServicer):
     def _deadline(self, context: Context) -> Deadline:
         return Deadline.after(context.time_remaining())
 
+    @staticmethod
+    def _workspace(workspace_id: str) -> uuid.UUID:
+        # After compiling, which refused a missing or malformed workspace id already.
+        return values.parse_uuid(workspace_id, "workspace_id")
+
     async def _run(
         self, conn: Connection, statements: Sequence[compiler.Statement], deadline: Deadline
     ) -> _Outcome:
@@ -80,13 +88,14 @@ class WorkspaceServicer(workspace_service_pb2_grpc.WorkspaceServiceServicer):
         returning = values.row_set(output, records) if output else value_pb2.RowSet()
         return _Outcome(count, returning)
 
-    async def _mutate(self, statements: Sequence[compiler.Statement], context: Context) -> _Outcome:
+    async def _mutate(
+        self, statements: Sequence[compiler.Statement], workspace_id: str, context: Context
+    ) -> _Outcome:
         deadline = self._deadline(context)
-        async with self._database.connection(deadline) as conn:
-            if len(statements) == 1:
-                return await self._run(conn, statements, deadline)
-            async with conn.transaction():
-                return await self._run(conn, statements, deadline)
+        async with self._database.workspace_connection(
+            deadline, self._workspace(workspace_id), transaction=len(statements) > 1
+        ) as conn:
+            return await self._run(conn, statements, deadline)
 
     def _check_row_count(self, rows: int) -> None:
         if rows > self._settings.max_rows_per_request:
@@ -141,7 +150,8 @@ class WorkspaceServicer(workspace_service_pb2_grpc.WorkspaceServiceServicer):
         plan = compiler.compile_select(table, request, page_size=page_size, cursor=cursor)
         deadline = self._deadline(context)
         statement = plan.statement
-        async with self._database.connection(deadline) as conn:
+        workspace = self._workspace(request.workspace_id)
+        async with self._database.workspace_connection(deadline, workspace) as conn:
             records = await conn.fetch(
                 statement.sql,
                 *statement.args,
@@ -165,7 +175,8 @@ class WorkspaceServicer(workspace_service_pb2_grpc.WorkspaceServiceServicer):
         table = await self._catalog.table(request.table)
         statement = compiler.compile_count(table, request)
         deadline = self._deadline(context)
-        async with self._database.connection(deadline) as conn:
+        workspace = self._workspace(request.workspace_id)
+        async with self._database.workspace_connection(deadline, workspace) as conn:
             count = await conn.fetchval(
                 statement.sql,
                 *statement.args,
@@ -175,22 +186,26 @@ class WorkspaceServicer(workspace_service_pb2_grpc.WorkspaceServiceServicer):
 
     @rpc_errors
     async def Insert(self, request: pb.InsertRequest, context: Context) -> pb.InsertResponse:
-        outcome = await self._mutate(await self._compile_insert(request), context)
+        statements = await self._compile_insert(request)
+        outcome = await self._mutate(statements, request.workspace_id, context)
         return pb.InsertResponse(affected_count=outcome.count, returning=outcome.returning)
 
     @rpc_errors
     async def Upsert(self, request: pb.UpsertRequest, context: Context) -> pb.UpsertResponse:
-        outcome = await self._mutate(await self._compile_upsert(request), context)
+        statements = await self._compile_upsert(request)
+        outcome = await self._mutate(statements, request.workspace_id, context)
         return pb.UpsertResponse(affected_count=outcome.count, returning=outcome.returning)
 
     @rpc_errors
     async def Update(self, request: pb.UpdateRequest, context: Context) -> pb.UpdateResponse:
-        outcome = await self._mutate(await self._compile_update(request), context)
+        statements = await self._compile_update(request)
+        outcome = await self._mutate(statements, request.workspace_id, context)
         return pb.UpdateResponse(affected_count=outcome.count, returning=outcome.returning)
 
     @rpc_errors
     async def Delete(self, request: pb.DeleteRequest, context: Context) -> pb.DeleteResponse:
-        outcome = await self._mutate(await self._compile_delete(request), context)
+        statements = await self._compile_delete(request)
+        outcome = await self._mutate(statements, request.workspace_id, context)
         return pb.DeleteResponse(affected_count=outcome.count, returning=outcome.returning)
 
     @rpc_errors
@@ -237,8 +252,11 @@ class WorkspaceServicer(workspace_service_pb2_grpc.WorkspaceServiceServicer):
             compiled.append((kind, statements))
         self._check_row_count(total_rows)
         deadline = self._deadline(context)
+        workspace = self._workspace(request.workspace_id)
         results = []
-        async with self._database.connection(deadline) as conn, conn.transaction():
+        async with self._database.workspace_connection(
+            deadline, workspace, transaction=True
+        ) as conn:
             for i, (op_kind, statements) in enumerate(compiled):
                 try:
                     outcome = await self._run(conn, statements, deadline)

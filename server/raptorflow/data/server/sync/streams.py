@@ -4,11 +4,12 @@ Change capture (migration 0002, `sync/capture.py`) logs every row change with
 the writer's transaction id (`xid`) and a sequence value (`seq`) taken in the
 row trigger, after the row lock.
 
-Snapshot. One REPEATABLE READ READ ONLY transaction; its first statement takes
-`pg_current_snapshot()` = S, which in REPEATABLE READ is the snapshot every
-later statement reads. Each table (in request order) is read in primary-key
-order through a server-side cursor, `batch_size` rows per message. S becomes
-the first epoch's `prev`.
+Snapshot. One REPEATABLE READ READ ONLY transaction, scoped to the workspace
+(`Database.workspace_connection`; its SET LOCAL statements take no snapshot);
+its first query takes `pg_current_snapshot()` = S, which in REPEATABLE READ is
+the snapshot every later statement reads. Each table (in request order) is read
+in primary-key order through a server-side cursor, `batch_size` rows per
+message. S becomes the first epoch's `prev`.
 
 Changes, in epochs. Take `cur = pg_current_snapshot()`; deliver the entries
 visible in `cur` and not in `prev`, in `seq` order; then `prev := cur`.
@@ -82,6 +83,7 @@ import functools
 import logging
 import secrets
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -405,14 +407,22 @@ class SyncStreams:
                 Boundary(resume.snapshot, resume.table_index, resume.key),
             )
         # Held for the whole snapshot, for as long as the client takes to read it:
-        # long-lived, so the leak watchdog leaves it alone.
+        # long-lived, so the leak watchdog leaves it alone. Scoped to the workspace
+        # (the row-level security net); BEGIN, the scope and the plan setting go in
+        # one round trip.
         async with (
             self._snapshot_slots,
-            self._database.connection(_NO_DEADLINE, long_lived=True) as conn,
-            conn.transaction(isolation="repeatable_read", readonly=True),
+            self._database.workspace_connection(
+                _NO_DEADLINE,
+                uuid.UUID(plan.workspace),
+                transaction=True,
+                isolation="repeatable_read",
+                readonly=True,
+                prelude=sql.CUSTOM_PLANS,
+                long_lived=True,
+            ) as conn,
         ):
             snapshot = str(await conn.fetchval(sql.CURRENT_SNAPSHOT))
-            await conn.execute(sql.CUSTOM_PLANS)
             for table in plan.tables[start:]:
                 params = sql.Params(table.workspace)
                 query = sql.snapshot_rows(
