@@ -153,6 +153,7 @@ def _token_codec(settings: Settings) -> PageTokenCodec:
 
 def _catalog_loader(settings: Settings, database: Database) -> Callable[[], Awaitable[Catalog]]:
     provisioned: set[str] = set()
+    warned: set[tuple[str, str, str]] = set()
 
     async def load() -> Catalog:
         async with database.owner_pool.acquire() as conn:
@@ -170,6 +171,17 @@ def _catalog_loader(settings: Settings, database: Database) -> Callable[[], Awai
                 [row_security.ProtectedTable.of(t) for t in catalog.tables.values()],
                 enabled=settings.row_security,
             )
+            for key in await row_security.cross_workspace_keys(
+                conn, settings.schema, sorted(catalog.tables)
+            ):
+                if key not in warned:
+                    warned.add(key)
+                    log.warning(
+                        "foreign key %s of %s references %s without workspace_id: a workspace "
+                        "can point at (and so learn of) another workspace's rows, and its "
+                        "cascades cross workspaces; declare it on (workspace_id, ...)",
+                        *key,
+                    )
         return catalog
 
     return load

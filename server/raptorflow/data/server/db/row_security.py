@@ -249,3 +249,44 @@ async def provision(
     if changed:
         log.info("row security %s on %s", "installed" if enabled else "removed", ", ".join(changed))
     return changed
+
+
+# Foreign keys of the given tables whose columns leave out workspace_id.
+_CROSS_WORKSPACE_KEYS_SQL = """
+SELECT c.conname, src.relname AS table_name, dst_ns.nspname AS referenced_schema,
+       dst.relname AS referenced_table
+FROM pg_catalog.pg_constraint c
+JOIN pg_catalog.pg_class src ON src.oid = c.conrelid
+JOIN pg_catalog.pg_namespace src_ns ON src_ns.oid = src.relnamespace
+JOIN pg_catalog.pg_class dst ON dst.oid = c.confrelid
+JOIN pg_catalog.pg_namespace dst_ns ON dst_ns.oid = dst.relnamespace
+WHERE c.contype = 'f' AND src_ns.nspname = $1 AND src.relname = ANY($2::text[])
+  AND NOT EXISTS (
+    SELECT 1 FROM unnest(c.conkey) AS key(attnum)
+    JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = key.attnum
+    WHERE a.attname = 'workspace_id'
+  )
+ORDER BY src.relname, c.conname
+"""
+
+
+async def cross_workspace_keys(
+    conn: Connection, schema: str, tables: Sequence[str]
+) -> list[tuple[str, str, str]]:
+    """(constraint, table, referenced table) of each foreign key of `tables` that leaves
+    workspace_id out of its columns.
+
+    Such a key lets a row of one workspace reference a row of another (and so learn
+    that its key exists), and its referential actions (ON DELETE CASCADE, SET NULL)
+    reach across workspaces: PostgreSQL runs them without row-level security. Only
+    the schema can close that, by declaring the key on (workspace_id, ...).
+    """
+    rows = await conn.fetch(_CROSS_WORKSPACE_KEYS_SQL, schema, list(tables))
+    return [
+        (
+            row["conname"],
+            row["table_name"],
+            f"{row['referenced_schema']}.{row['referenced_table']}",
+        )
+        for row in rows
+    ]
