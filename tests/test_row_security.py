@@ -197,14 +197,17 @@ async def test_foreign_keys_that_cross_workspaces_are_reported_at_start(
     # The test schema's campaign_events.campaign_id references campaigns (id) alone.
     running = await start_server(settings)
     try:
-        warnings = [r.getMessage() for r in caplog.records if "without workspace_id" in r.message]
-        assert len(warnings) == 1, warnings
-        assert "campaign_events_campaign_id_fkey of campaign_events" in warnings[0]
-        assert "public.campaigns" in warnings[0]
+        key = "campaign_events_campaign_id_fkey of campaign_events references public.campaigns"
+
+        def warnings() -> list[str]:
+            # Other modules' tables in the session database may have such keys too.
+            return [r.getMessage() for r in caplog.records if key in r.getMessage()]
+
+        assert len(warnings()) == 1
+        assert "without workspace_id" in warnings()[0]
         # Once per key and process, not at every catalog reload.
         await running.catalog.reload()
-        again = [r for r in caplog.records if "without workspace_id" in r.message]
-        assert len(again) == 1
+        assert len(warnings()) == 1
     finally:
         await running.stop(grace=1.0)
 
