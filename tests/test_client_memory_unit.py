@@ -538,6 +538,11 @@ class _FakeMemoryService(memory_sync_service_pb2_grpc.MemorySyncServiceServicer)
         self._record("Sync", request, context)
         await self._maybe_fail("Sync", context)
         script = self.sync_scripts.pop(0)
+        # A call cancelled while this generator waits at a yield (its message not sent yet)
+        # never raises here: grpc.aio leaves the generator suspended. The call's end does.
+        context.add_done_callback(
+            lambda call: self.sync_cancelled.set() if call.cancelled() else None
+        )
         try:
             for response in script.responses:
                 yield response
