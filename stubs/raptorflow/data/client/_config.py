@@ -58,9 +58,11 @@ class ClientConfig:
     _: KW_ONLY
 
     token: str | Callable[[], str] | None = field(default=None, repr=False)
-    """The bearer token (a JWT) sent as ``authorization: Bearer <token>`` on every call, also
-    those made through `DataClient.stub`; a function is called once per call, so a token
-    refreshed elsewhere is picked up. None sends none (the server then answers
+    """The bearer token (a JWT) sent as ``authorization: Bearer <token>`` on every call of the
+    client (an ``authorization`` entry in `metadata` or a call's metadata wins); a function is
+    called once per call, so a token refreshed elsewhere is picked up. Calls through
+    `DataClient.stub` send only the metadata they are given: pass the header yourself, or
+    build your own channel with `bearer_auth()`. None sends none (the server then answers
     UNAUTHENTICATED, unless it runs with authentication off for development)."""
 
     timeout: float | None = 10.0
