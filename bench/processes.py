@@ -10,7 +10,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,8 +152,13 @@ async def _spawn(name: str, command: list[str], log_dir: Path, **kwargs: Any) ->
     return ServerProcess(name, process, log, command=command)
 
 
-async def start_data_server(database_url: str, log_dir: Path) -> ServerProcess:
-    """`raptorflow-data serve` (uvloop, as the CLI runs) on a free port; waits for SERVING."""
+async def start_data_server(
+    database_url: str, log_dir: Path, *, extra_args: Sequence[str] = ()
+) -> ServerProcess:
+    """`raptorflow-data serve` (uvloop, as the CLI runs) on a free port; waits for SERVING.
+
+    `extra_args` are more `serve` flags (`--max-streams-per-caller 1000`).
+    """
     address = f"127.0.0.1:{free_port()}"
     command = [
         sys.executable,
@@ -166,6 +171,7 @@ async def start_data_server(database_url: str, log_dir: Path) -> ServerProcess:
         database_url,
         "--jwt-secret",
         BENCH_JWT_SECRET.decode(),
+        *extra_args,
     ]
     server = await _spawn("data-server", command, log_dir, stdout=asyncio.subprocess.DEVNULL)
     server.address = address
@@ -195,8 +201,13 @@ async def wait_serving(server: ServerProcess, service: str, within: float = 60.0
             await asyncio.sleep(0.2)
 
 
-async def start_echo_server(response_file: Path, log_dir: Path) -> ServerProcess:
-    """`python -m bench.echo` on a free port; waits for its `ready` line."""
+async def start_echo_server(
+    response_file: Path, log_dir: Path, *, method: str = "", name: str = "echo-server"
+) -> ServerProcess:
+    """`python -m bench.echo` on a free port; waits for its `ready` line.
+
+    `method` is the path it answers (default: its own, WorkspaceService/Select).
+    """
     command = [
         sys.executable,
         "-m",
@@ -205,8 +216,9 @@ async def start_echo_server(response_file: Path, log_dir: Path) -> ServerProcess
         "127.0.0.1:0",
         "--response-file",
         str(response_file),
+        *(["--method", method] if method else []),
     ]
-    server = await _spawn("echo-server", command, log_dir, stdout=asyncio.subprocess.PIPE)
+    server = await _spawn(name, command, log_dir, stdout=asyncio.subprocess.PIPE)
     assert server.process.stdout is not None
     try:
         line = await asyncio.wait_for(server.process.stdout.readline(), 30.0)

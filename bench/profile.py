@@ -1,6 +1,6 @@
-"""Where the service's CPU time goes under point-select load: per-thread CPU and py-spy samples.
+"""Where the service's CPU time goes under a workload's load: per-thread CPU and py-spy samples.
 
-    python -m bench --cases select --profile /tmp/select.txt [--profile-native]
+    python -m bench --cases point_select --profile /tmp/select.txt [--profile-native]
 
 Two views of the same window:
 
@@ -37,7 +37,9 @@ LAYERS: Sequence[tuple[str, re.Pattern[str]]] = (
         re.compile(r"server/db/(compiler|catalog|page_tokens)\.py"),
     ),
     ("pool wrapper (db/connections.py)", re.compile(r"server/db/connections\.py")),
+    ("memory store (memory/)", re.compile(r"server/memory/")),
     ("servicer + error wrapper", re.compile(r"server/services/")),
+    ("auth and observability interceptors", re.compile(r"server/(auth|observability)/")),
     ("asyncpg", re.compile(r"asyncpg/|\((protocol|pgproto|recordobj|record)\.c[:)]")),
     ("protobuf (upb)", re.compile(r"_message\.abi3|google/protobuf/")),
     ("gRPC (cygrpc, grpc.aio)", re.compile(r"grpc/")),
@@ -47,12 +49,17 @@ UNATTRIBUTED = "event loop + C/Cython (no Python frame)"
 
 # Inclusive time of these frames of the event-loop thread (function name prefix, file part).
 INCLUSIVE: Sequence[tuple[str, str, str]] = (
-    ("WorkspaceServicer.Select (all of our handler)", "WorkspaceServicer.Select ", "services/"),
+    ("the call below grpc.aio (interceptors + handler)", "_coroutine.", "observability/"),
+    ("WorkspaceServicer.* (all of our handler)", "WorkspaceServicer.", "services/"),
+    ("MemorySyncServicer.* (all of our handler)", "MemorySyncServicer.", "services/"),
     ("  CatalogCache.table", "CatalogCache.table ", "db/catalog.py"),
-    ("  compile_select", "compile_select ", "db/compiler.py"),
+    ("  compile_* (SQL compiler)", "compile_", "db/compiler.py"),
+    ("  MemoryStore.* (validation, arguments, results)", "MemoryStore.", "memory/store.py"),
+    ("  Database.workspace_connection (BEGIN, COMMIT)", "Database.workspace_connection ", "db/"),
     ("  Database.connection (acquire + release)", "Database.connection ", "db/connections.py"),
     ("    asyncpg Pool.acquire / release", "Pool.", "asyncpg/pool.py"),
-    ("  asyncpg Connection.fetch", "Connection.fetch ", "asyncpg/connection.py"),
+    ("  asyncpg Connection.fetch*", "Connection.fetch", "asyncpg/connection.py"),
+    ("  asyncpg Connection.execute", "Connection.execute ", "asyncpg/connection.py"),
     ("    asyncio.timeout (fetch timeout=)", "timeout ", "asyncio/timeouts.py"),
     ("  encode_rows", "encode_rows ", "db/values.py"),
     ("    values.setter (per call)", "setter ", "db/values.py"),
@@ -131,7 +138,7 @@ def summarize_threads(
     title: str, pid: int, before: Mapping[str, float], after: Mapping[str, float], calls: int
 ) -> str:
     """CPU per call of each group of threads, from two `thread_cpu_seconds` readings."""
-    groups: collections.Counter[str] = collections.Counter()
+    groups: collections.defaultdict[str, float] = collections.defaultdict(float)
     for key, seconds in after.items():
         name, tid = key.rsplit(":", 1)
         used = seconds - before.get(key, 0.0)
@@ -145,7 +152,7 @@ def summarize_threads(
             groups[f"other ({name})"] += used
     total = sum(groups.values())
     lines = [f"{title}: CPU per call by thread (/proc), {calls} calls"]
-    for name, used in groups.most_common():
+    for name, used in sorted(groups.items(), key=lambda item: -item[1]):
         per_call = used / calls * 1e6 if calls else 0.0
         lines.append(f"  {per_call:7.1f} us  {share(used, total)}  {name}")
     per_call_total = total / calls * 1e6 if calls else 0.0

@@ -8,7 +8,7 @@ import os
 import platform
 import statistics
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -20,9 +20,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 @dataclass
 class Measurement:
-    """One case at one concurrency for one round."""
+    """One target of one workload at one concurrency for one round."""
 
     case: str
+    """`<workload>.<target>`, such as `point_select.service` or `count.echo`."""
+    workload: str
+    target: str
+    """`service`, `echo` or `asyncpg`."""
     concurrency: int
     round: int
     calls: int
@@ -34,20 +38,27 @@ class Measurement:
     process_cpu_us_per_call: float | None
     """CPU time of the process doing the work (the server; for asyncpg the worker) per call."""
     client_cpu_us_per_call: float | None
-    """CPU time of the load workers per call (gRPC cases)."""
+    """CPU time of the load workers per call (gRPC targets)."""
     machine_cpu_busy: float
     """Fraction of all cores busy during the counted window (client, server, PostgreSQL)."""
     foreign_cpu_cores: float
     """Cores used meanwhile by processes outside this run (other jobs on the machine): noise."""
     first_error: str = ""
     ratio_to_echo: float | None = None
+    """rps / the same workload's echo rps in the same round."""
+    ratio_to_asyncpg: float | None = None
+    """rps / the same workload's asyncpg rps in the same round."""
+    p99_ratio_to_echo: float | None = None
+    """p99 / the same workload's echo p99 in the same round."""
 
 
 @dataclass
 class Summary:
-    """The medians of one case at one concurrency over all rounds."""
+    """The medians of one target of one workload at one concurrency over all rounds."""
 
     case: str
+    workload: str
+    target: str
     concurrency: int
     rounds: int
     rps_median: float
@@ -56,7 +67,11 @@ class Summary:
     p50_ms: float
     p99_ms: float
     ratio_to_echo: float | None
-    """Median over rounds of rps / echo rps of the same round."""
+    """Median over rounds of rps / echo rps of the same workload and round."""
+    ratio_to_asyncpg: float | None
+    """Median over rounds of rps / asyncpg rps of the same workload and round."""
+    p99_ratio_to_echo: float | None
+    """Median over rounds of p99 / echo p99 of the same workload and round."""
     process_cpu_us_per_call: float | None
     client_cpu_us_per_call: float | None
     machine_cpu_busy: float
@@ -73,24 +88,44 @@ def percentile(sorted_values: Sequence[int], fraction: float) -> float:
     return float(sorted_values[rank])
 
 
-def summarize(measurements: Sequence[Measurement], case_order: Sequence[str]) -> list[Summary]:
-    echo = {(m.concurrency, m.round): m.rps for m in measurements if m.case == "echo"}
+def _median(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _ratio(numerator: float, denominator: float | None) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def summarize(
+    measurements: Sequence[Measurement],
+    workload_order: Sequence[str],
+    target_order: Sequence[str],
+) -> list[Summary]:
+    """Medians per (workload, concurrency, target), ratios taken round by round first."""
+    same_round = {(m.workload, m.concurrency, m.round, m.target): m for m in measurements}
     for m in measurements:
-        base = echo.get((m.concurrency, m.round))
-        m.ratio_to_echo = m.rps / base if base else None
+        echo = same_round.get((m.workload, m.concurrency, m.round, "echo"))
+        ceiling = same_round.get((m.workload, m.concurrency, m.round, "asyncpg"))
+        m.ratio_to_echo = _ratio(m.rps, echo.rps if echo else None)
+        m.ratio_to_asyncpg = _ratio(m.rps, ceiling.rps if ceiling else None)
+        m.p99_ratio_to_echo = _ratio(m.p99_ms, echo.p99_ms if echo else None)
     keys = sorted(
-        {(m.concurrency, m.case) for m in measurements},
-        key=lambda k: (k[0], case_order.index(k[1])),
+        {(m.workload, m.concurrency, m.target) for m in measurements},
+        key=lambda k: (workload_order.index(k[0]), k[1], target_order.index(k[2])),
     )
     out = []
-    for concurrency, case in keys:
-        group = [m for m in measurements if m.case == case and m.concurrency == concurrency]
-        ratios = [m.ratio_to_echo for m in group if m.ratio_to_echo is not None]
-        cpu = [m.process_cpu_us_per_call for m in group if m.process_cpu_us_per_call is not None]
-        client = [m.client_cpu_us_per_call for m in group if m.client_cpu_us_per_call is not None]
+    for workload, concurrency, target in keys:
+        group = [
+            m
+            for m in measurements
+            if (m.workload, m.concurrency, m.target) == (workload, concurrency, target)
+        ]
         out.append(
             Summary(
-                case=case,
+                case=group[0].case,
+                workload=workload,
+                target=target,
                 concurrency=concurrency,
                 rounds=len(group),
                 rps_median=statistics.median(m.rps for m in group),
@@ -98,9 +133,11 @@ def summarize(measurements: Sequence[Measurement], case_order: Sequence[str]) ->
                 rps_max=max(m.rps for m in group),
                 p50_ms=statistics.median(m.p50_ms for m in group),
                 p99_ms=statistics.median(m.p99_ms for m in group),
-                ratio_to_echo=statistics.median(ratios) if ratios else None,
-                process_cpu_us_per_call=statistics.median(cpu) if cpu else None,
-                client_cpu_us_per_call=statistics.median(client) if client else None,
+                ratio_to_echo=_median(m.ratio_to_echo for m in group),
+                ratio_to_asyncpg=_median(m.ratio_to_asyncpg for m in group),
+                p99_ratio_to_echo=_median(m.p99_ratio_to_echo for m in group),
+                process_cpu_us_per_call=_median(m.process_cpu_us_per_call for m in group),
+                client_cpu_us_per_call=_median(m.client_cpu_us_per_call for m in group),
                 machine_cpu_busy=statistics.median(m.machine_cpu_busy for m in group),
                 foreign_cpu_cores=statistics.median(m.foreign_cpu_cores for m in group),
                 errors=sum(m.errors for m in group),
@@ -110,22 +147,83 @@ def summarize(measurements: Sequence[Measurement], case_order: Sequence[str]) ->
     return out
 
 
-def table(summaries: Sequence[Summary]) -> str:
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(summaries: Sequence[Summary], descriptions: Mapping[str, str] | None = None) -> str:
+    """One block per workload and concurrency: the service next to its ceilings."""
     header = (
-        f"{'case':<8} {'conc':>5} {'rps median':>11} {'rps min-max':>15} {'p50 ms':>8} "
-        f"{'p99 ms':>8} {'ratio/echo':>10} {'srv us/call':>11} {'cli us/call':>11} "
-        f"{'machine cpu':>11} {'foreign':>7} {'errors':>6}"
+        f"  {'target':<8} {'rps median':>11} {'rps min-max':>15} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'/echo':>6} {'/asyncpg':>8} {'p99/echo':>8} {'srv us/call':>11} "
+        f"{'cli us/call':>11} {'machine cpu':>11} {'foreign':>7} {'errors':>6}"
+    )
+    lines: list[str] = []
+    block: tuple[str, int] | None = None
+    for s in summaries:
+        if (s.workload, s.concurrency) != block:
+            block = (s.workload, s.concurrency)
+            if lines:
+                lines.append("")
+            about = (descriptions or {}).get(s.workload, "")
+            lines.append(
+                f"{s.workload} at {s.concurrency} callers" + (f": {about}" if about else "")
+            )
+            lines.extend([header, "  " + "-" * (len(header) - 2)])
+        lines.append(
+            f"  {s.target:<8} {s.rps_median:>11,.0f} "
+            f"{f'{s.rps_min:,.0f}-{s.rps_max:,.0f}':>15} {s.p50_ms:>8.2f} {s.p99_ms:>8.2f} "
+            f"{_fmt(s.ratio_to_echo, '.3f'):>6} {_fmt(s.ratio_to_asyncpg, '.3f'):>8} "
+            f"{_fmt(s.p99_ratio_to_echo, '.2f'):>8} "
+            f"{_fmt(s.process_cpu_us_per_call, '.0f'):>11} "
+            f"{_fmt(s.client_cpu_us_per_call, '.0f'):>11} {s.machine_cpu_busy:>10.0%} "
+            f"{s.foreign_cpu_cores:>7.2f} {s.errors:>6}"
+        )
+    return "\n".join(lines)
+
+
+def ratios(summaries: Sequence[Summary]) -> list[dict[str, Any]]:
+    """The service's figures next to its ceilings', one entry per workload and concurrency."""
+    by_key = {(s.workload, s.concurrency, s.target): s for s in summaries}
+    out = []
+    for s in summaries:
+        if s.target != "service":
+            continue
+        echo = by_key.get((s.workload, s.concurrency, "echo"))
+        ceiling = by_key.get((s.workload, s.concurrency, "asyncpg"))
+        out.append(
+            {
+                "workload": s.workload,
+                "concurrency": s.concurrency,
+                "service_rps": s.rps_median,
+                "echo_rps": echo.rps_median if echo else None,
+                "asyncpg_rps": ceiling.rps_median if ceiling else None,
+                "ratio_to_echo": s.ratio_to_echo,
+                "ratio_to_asyncpg": s.ratio_to_asyncpg,
+                "service_p99_ms": s.p99_ms,
+                "echo_p99_ms": echo.p99_ms if echo else None,
+                "p99_ratio_to_echo": s.p99_ratio_to_echo,
+                "errors": s.errors + sum(x.errors for x in (echo, ceiling) if x is not None),
+            }
+        )
+    return out
+
+
+def ratio_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The summary: one line per workload and concurrency."""
+    header = (
+        f"{'workload':<14} {'conc':>5} {'service rps':>11} {'echo rps':>9} {'asyncpg rps':>11} "
+        f"{'svc/echo':>8} {'svc/asyncpg':>11} {'p99 svc ms':>10} {'p99 echo ms':>11} "
+        f"{'p99/echo':>8}"
     )
     lines = [header, "-" * len(header)]
-    for s in summaries:
-        ratio = f"{s.ratio_to_echo:.3f}" if s.ratio_to_echo is not None else "-"
-        cpu = f"{s.process_cpu_us_per_call:.0f}" if s.process_cpu_us_per_call is not None else "-"
-        client = f"{s.client_cpu_us_per_call:.0f}" if s.client_cpu_us_per_call is not None else "-"
+    for r in rows:
         lines.append(
-            f"{s.case:<8} {s.concurrency:>5} {s.rps_median:>11,.0f} "
-            f"{f'{s.rps_min:,.0f}-{s.rps_max:,.0f}':>15} {s.p50_ms:>8.2f} {s.p99_ms:>8.2f} "
-            f"{ratio:>10} {cpu:>11} {client:>11} {s.machine_cpu_busy:>10.0%} "
-            f"{s.foreign_cpu_cores:>7.2f} {s.errors:>6}"
+            f"{r['workload']:<14} {r['concurrency']:>5} {r['service_rps']:>11,.0f} "
+            f"{_fmt(r['echo_rps'], ',.0f'):>9} {_fmt(r['asyncpg_rps'], ',.0f'):>11} "
+            f"{_fmt(r['ratio_to_echo'], '.3f'):>8} {_fmt(r['ratio_to_asyncpg'], '.3f'):>11} "
+            f"{r['service_p99_ms']:>10.2f} {_fmt(r['echo_p99_ms'], '.2f'):>11} "
+            f"{_fmt(r['p99_ratio_to_echo'], '.2f'):>8}"
         )
     return "\n".join(lines)
 
@@ -185,6 +283,7 @@ def document(
     return {
         **run_info(postgres_version),
         "settings": settings,
+        "ratios": rounded(ratios(summaries)),
         "results": [rounded(asdict(s)) for s in summaries],
     }
 
