@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from raptorflow.data.server.sync.fanout import SharedReads, Wakeups
 
 
@@ -69,3 +70,22 @@ async def test_a_kept_result_serves_late_callers_woken_before_it_started() -> No
     assert await shared.get(None, read, started_after=woken) == 1
     assert await shared.get(None, read, started_after=woken) == 1
     assert await shared.get(None, read, started_after=wakeups.tick()) == 2
+
+
+async def test_stopped_reads_give_every_caller_the_error_not_a_cancellation() -> None:
+    wakeups = Wakeups()
+    started = asyncio.Event()
+
+    async def read() -> int:
+        started.set()
+        await asyncio.Event().wait()
+        return 0
+
+    shared: SharedReads[str, int] = SharedReads(wakeups.tick)
+    callers = [asyncio.ensure_future(shared.get("k", read)) for _ in range(3)]
+    await started.wait()
+    shared.cancel_all(lambda: RuntimeError("stopped"))
+    for caller in callers:
+        with pytest.raises(RuntimeError, match="stopped"):
+            await caller
+    assert shared.started == 1

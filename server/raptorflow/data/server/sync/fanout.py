@@ -93,6 +93,7 @@ class SharedReads(Generic[K, T]):
         self._clock = clock
         self._keep_result = keep_result
         self._running: dict[K, tuple[int, asyncio.Task[T]]] = {}
+        self._stopped: Callable[[], BaseException] | None = None
         self.started = 0
         """Reads started (not shared), for tests and stats."""
 
@@ -102,7 +103,7 @@ class SharedReads(Generic[K, T]):
         """The result of a read of `key` that started after clock time `started_after`."""
         entry = self._running.get(key)
         if entry is None or entry[0] <= started_after:
-            task = asyncio.create_task(read())
+            task = asyncio.create_task(self._run(read))
             entry = (self._clock(), task)
             self._running[key] = entry
             self.started += 1
@@ -110,11 +111,23 @@ class SharedReads(Generic[K, T]):
         # Shielded: a caller that goes away must not cancel the read for the others.
         return await asyncio.shield(entry[1])
 
+    async def _run(self, read: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        try:
+            return await read()
+        except asyncio.CancelledError:
+            if self._stopped is None:
+                raise
+            # Stopped by `cancel_all`: every caller gets the error, not a cancellation
+            # it would take for its own.
+            raise self._stopped() from None
+
     def _forget(self, key: K, entry: tuple[int, asyncio.Task[T]], task: asyncio.Task[T]) -> None:
         failed = task.cancelled() or task.exception() is not None
         if self._running.get(key) is entry and (failed or not self._keep_result):
             del self._running[key]
 
-    def cancel_all(self) -> None:
+    def cancel_all(self, error: Callable[[], BaseException]) -> None:
+        """Stops every running read: their callers, and later ones, get `error()`."""
+        self._stopped = error
         for _, task in list(self._running.values()):
             task.cancel()

@@ -79,14 +79,15 @@ pruned entry is refused with RESNAPSHOT_REQUIRED.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 from raptorflow.data.server.config import Settings
@@ -110,7 +111,6 @@ from raptorflow.data.v1 import memory_sync_service_pb2, value_pb2
 
 pb = memory_sync_service_pb2
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 DEFAULT_BATCH_SIZE = 1_000
 MAX_BATCH_SIZE = 10_000
@@ -234,42 +234,31 @@ class SyncStreams:
     async def close(self) -> None:
         """Ends every open stream with UNAVAILABLE (server shutdown) and stops the tasks."""
         self._closed.set()
+        # Waiting streams wake and see `_closed`; reading streams get UNAVAILABLE from
+        # their (shared) read.
         self._wakeups.wake_all()
+        self._currents.cancel_all(shutting_down)
+        self._pages.cancel_all(shutting_down)
         tasks, self._tasks = self._tasks, []
         await cancel_and_wait(tasks)
-        self._currents.cancel_all()
-        self._pages.cancel_all()
 
     def _check_open(self) -> None:
         if self._closed.is_set():
             raise shutting_down()
 
-    async def _guard(self, awaitable: Awaitable[T]) -> T:
-        """Awaits, unless the server starts shutting down first (then UNAVAILABLE)."""
-        self._check_open()
-        work = asyncio.ensure_future(awaitable)
-        closed = asyncio.ensure_future(self._closed.wait())
-        try:
-            await asyncio.wait((work, closed), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closed.cancel()
-            if not work.done():
-                work.cancel()
-        self._check_open()
-        return work.result()
-
     async def _sleep(self, waiter: Waiter, seconds: float | None) -> None:
-        """Until woken, `seconds` pass (None: no limit), or shutdown (then UNAVAILABLE)."""
+        """Until woken, `seconds` pass (None: no limit), or shutdown (then UNAVAILABLE).
+
+        A follow stream's waiter is subscribed, and `close()` wakes every subscribed
+        waiter: waiting on its event alone is enough (and costs no task per wait).
+        """
         self._check_open()
-        woken = asyncio.ensure_future(waiter.event.wait())
-        closed = asyncio.ensure_future(self._closed.wait())
-        try:
-            await asyncio.wait(
-                (woken, closed), timeout=seconds, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            woken.cancel()
-            closed.cancel()
+        if seconds is None:
+            await waiter.event.wait()
+        else:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await waiter.event.wait()
         self._check_open()
 
     # -- requests --------------------------------------------------------------
@@ -466,8 +455,9 @@ class SyncStreams:
                 # Any wake-up from here on means a new epoch is needed.
                 woken_at = waiter.woken_at
                 waiter.event.clear()
-                cur, high = await self._guard(
-                    self._currents.get(None, self._epoch_target, started_after=woken_at)
+                self._check_open()
+                cur, high = await self._currents.get(
+                    None, self._epoch_target, started_after=woken_at
                 )
                 if not covers(cur, position.snapshot):
                     # Shared, and taken just before this stream's `prev`: take a newer one.
@@ -476,8 +466,9 @@ class SyncStreams:
                 position = position.epoch(cur, high)
             while True:
                 key = (plan.workspace, plan.bound, plan.batch_size, position)
-                page = await self._guard(
-                    self._pages.get(key, functools.partial(self._read_page, plan, position))
+                self._check_open()
+                page = await self._pages.get(
+                    key, functools.partial(self._read_page, plan, position)
                 )
                 for message in page.messages:
                     self._check_open()
