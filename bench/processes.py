@@ -54,8 +54,32 @@ def free_port() -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process, all its threads, in seconds."""
-    return stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
+    """User plus system CPU time of a process and of its descendants (the workers of
+    `serve --workers N`), all their threads, in seconds."""
+    total = stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
+    for child in descendants(pid):
+        with contextlib.suppress(OSError):  # it ended meanwhile
+            total += stat_cpu_seconds(Path(f"/proc/{child}/stat"))
+    return total
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` now: its children, theirs, and so on."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found: list[int] = []
+    queue = [pid]
+    while queue:
+        below = children.get(queue.pop(), [])
+        found.extend(below)
+        queue.extend(below)
+    return found
 
 
 def stat_cpu_seconds(stat: Path) -> float:

@@ -218,8 +218,9 @@ def build_server(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
-            # Never share a port silently with another process.
-            ("grpc.so_reuseport", 0),
+            # Never share a port silently with another process; only the workers of one
+            # supervisor (settings.workers, workers.py) share theirs, on purpose.
+            ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
         ],
     )
     workspace_service_pb2_grpc.add_WorkspaceServiceServicer_to_server(

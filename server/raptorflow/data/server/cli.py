@@ -164,6 +164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "migrate":
         _run(_migrate(settings, args.sync_tables))
         return 0
+    if settings.workers != 1:
+        from raptorflow.data.server import workers
+
+        # A supervisor of several server processes on one port (workers.py).
+        return workers.supervise(settings)
     from raptorflow.data.server.app import serve
 
     _run(serve(settings))

@@ -24,6 +24,10 @@ class Settings:
 
     listen: str = "127.0.0.1:50051"
     """Address the gRPC port binds, HOST:PORT; port 0 picks a free port."""
+    workers: int = 1
+    """Server processes sharing the gRPC port (SO_REUSEPORT) under one supervisor. The query
+    pool (pool_min_size, pool_max_size) and the job slots (max_running_jobs) are split among
+    them, so those stay totals of the replica; pool_max_size must be at least workers."""
     database_url: str = ""
     """Connection string for queries (the application role)."""
     owner_database_url: str = ""
