@@ -27,7 +27,9 @@ log and a checkpoint (not timed), then makes `--calls` sequential calls of
 Rows per second are the rows of a measurement over its seconds; `x copy` is the
 case's rows per second over `copy_records_to_table`'s in the same round,
 medianed. CPU columns: this process (the client), the service process and the
-database's backends, in microseconds per row. Prints a table, writes
+database's backends, in microseconds per row; `foreign`: cores other jobs on
+the machine used meanwhile (bench/noise.py), noise when well above 0.
+Everything here runs on uvloop, as the service does. Prints a table, writes
 bench/results/bulk.json and drops the database.
 """
 
@@ -185,7 +187,8 @@ class Run:
         self.owner = owner
         self.batches = batches
         self.insert_sql = insert_sql
-        self.raw_insert = client.channel.unary_unary(INSERT_METHOD)
+        # No serializers: the request goes as the bytes serialized beforehand.
+        self.raw_insert = client.channel.unary_unary(INSERT_METHOD, None, None)
         self.table = client.workspace(db.workspace_id).table(TABLE)
         self.can_checkpoint = True
 

@@ -142,7 +142,7 @@ async def latency(
             workspace_id=workspace, tables=[database.TABLE], follow=True, batch_size=BATCH
         )
     )
-    while (await call.read()).event != pb.SYNC_EVENT_SNAPSHOT_DONE:
+    while _message(await call.read()).event != pb.SYNC_EVENT_SNAPSHOT_DONE:
         pass
     committed: dict[int, float] = {}
     arrivals: dict[int, float] = {}
@@ -162,8 +162,7 @@ async def latency(
     writer = asyncio.create_task(write())
     try:
         while len(arrivals) < count:
-            message = await asyncio.wait_for(call.read(), 10.0)
-            assert message is not grpc.aio.EOF
+            message = _message(await asyncio.wait_for(call.read(), 10.0))
             arrived = time.perf_counter()
             if message.event != pb.SYNC_EVENT_CHANGES:
                 continue
@@ -178,6 +177,13 @@ async def latency(
     # A row can arrive before the writer task has seen its commit return (the
     # notification leaves PostgreSQL at commit): that delay counts as 0.
     return [max(0.0, arrivals[row_id] - committed[row_id]) for row_id in committed]
+
+
+def _message(read: object) -> pb.SyncResponse:
+    """A message read from the stream; the stream ending here is an error."""
+    if not isinstance(read, pb.SyncResponse):
+        raise RuntimeError(f"the sync stream ended early: {read!r}")
+    return read
 
 
 async def catch_up(
