@@ -23,7 +23,6 @@ pre-serializes them once and keeps them for the whole run).
 from __future__ import annotations
 
 import array
-import json
 import math
 import random
 import uuid
@@ -31,10 +30,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import timestamp_pb2
 from raptorflow.data.server.db import compiler
 from raptorflow.data.server.db.catalog import Catalog
-from raptorflow.data.server.memory import queries
+from raptorflow.data.server.memory import queries, store
 from raptorflow.data.v1 import (
     memory_sync_service_pb2,
     query_pb2,
@@ -442,34 +441,9 @@ class Search:
 
 
 def upsert_args(batch: memory_sync_service_pb2.UpsertMemoryRecordsRequest) -> tuple[object, ...]:
-    """UPSERT_SQL's arguments for one batch, built as `MemoryStore.upsert` builds them."""
-    records = batch.records
-    order = sorted(range(len(records)), key=lambda i: records[i].id)
-    metadata = [
-        json.dumps(json_format.MessageToDict(r.metadata), ensure_ascii=False, allow_nan=False)
-        if r.HasField("metadata")
-        else None
-        for r in records
-    ]
-    components = array.array("f")
-    starts: list[int] = []
-    dimensions: list[int] = []
-    for i in order:
-        starts.append(len(components))
-        dimensions.append(len(records[i].embedding))
-        components.extend(records[i].embedding)
-    return (
-        uuid.UUID(batch.workspace_id),
-        [records[i].id for i in order],
-        [records[i].kind for i in order],
-        [records[i].content or None for i in order],
-        [metadata[i] for i in order],
-        [records[i].source_table or None for i in order],
-        [records[i].source_row_id or None for i in order],
-        starts,
-        dimensions,
-        components,
-    )
+    """UPSERT_SQL's arguments for one batch, built by the code `MemoryStore.upsert` uses."""
+    metadata = [store.metadata_json(record) for record in batch.records]
+    return store.upsert_arguments(uuid.UUID(batch.workspace_id), batch.records, metadata)
 
 
 def _steps(statements: Sequence[compiler.Statement]) -> tuple[Step, ...]:

@@ -122,29 +122,7 @@ class MemoryStore:
         if failure is not None:
             raise failure
 
-        # Sorted by id, so two batches that share ids lock their rows in the same order.
-        order = sorted(range(len(records)), key=lambda i: records[i].id)
-        # Compact (4 bytes a component): a full batch can carry 16 million of them.
-        components = array.array("f")
-        starts: list[int] = []
-        dimensions: list[int] = []
-        for i in order:
-            embedding = records[i].embedding
-            starts.append(len(components))
-            dimensions.append(len(embedding))
-            components.extend(embedding)
-        args = (
-            workspace,
-            [records[i].id for i in order],
-            [records[i].kind for i in order],
-            [records[i].content or None for i in order],
-            [metadata[i] for i in order],
-            [records[i].source_table or None for i in order],
-            [records[i].source_row_id or None for i in order],
-            starts,
-            dimensions,
-            components,
-        )
+        args = upsert_arguments(workspace, records, metadata)
         async with self._database.workspace_connection(deadline, workspace) as conn:
             rows = await conn.fetch(
                 queries.UPSERT_SQL,
@@ -263,6 +241,44 @@ def _json_problem(value: object) -> str | None:
             except UnicodeEncodeError:
                 return "JSON strings cannot contain unpaired surrogates"
     return None
+
+
+def upsert_arguments(
+    workspace: uuid.UUID, records: Sequence[pb.MemoryRecord], metadata: Sequence[str | None]
+) -> tuple[object, ...]:
+    """UPSERT_SQL's arguments for validated `records` and their metadata JSON texts."""
+    # Sorted by id, so two batches that share ids lock their rows in the same order.
+    order = sorted(range(len(records)), key=lambda i: records[i].id)
+    # Compact (4 bytes a component): a full batch can carry 16 million of them.
+    components = array.array("f")
+    starts: list[int] = []
+    dimensions: list[int] = []
+    for i in order:
+        embedding = records[i].embedding
+        starts.append(len(components))
+        dimensions.append(len(embedding))
+        components.extend(embedding)
+    return (
+        workspace,
+        [records[i].id for i in order],
+        [records[i].kind for i in order],
+        [records[i].content or None for i in order],
+        [metadata[i] for i in order],
+        [records[i].source_table or None for i in order],
+        [records[i].source_row_id or None for i in order],
+        starts,
+        dimensions,
+        components,
+    )
+
+
+def metadata_json(record: pb.MemoryRecord) -> str | None:
+    """The record's metadata as the store writes it (JSON text, None without metadata);
+    ValueError when it cannot be stored."""
+    text, error = _metadata_json(record, "metadata")
+    if error is not None:
+        raise ValueError(error.message)
+    return text
 
 
 def _metadata_json(record: pb.MemoryRecord, path: str) -> tuple[str | None, ServiceError | None]:
