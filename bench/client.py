@@ -2,11 +2,12 @@
 
     python -m bench.client [--calls 5000] [--concurrency 1] [--rows 1,100]
 
-A bare grpc.aio server in a process of its own answers Select with a fixed
-response (1 or 100 rows of five columns, as the service encodes them), so this
-process's CPU time is the client's alone. Each line makes the same calls a
-different way and reports this process's CPU microseconds per call and the
-wall time per call (at concurrency 1, the latency):
+The benchmark's echo server (`python -m bench.echo`, a process of its own)
+answers Select with a fixed response (1 or 100 rows of five columns, as the
+service encodes them), so this process's CPU time is the client's alone. Each
+line makes the same calls a different way and reports this process's CPU
+microseconds per call and the wall time per call (at concurrency 1, the
+latency):
 
 - raw: pre-serialized request bytes, raw response bytes (the load generator's way);
 - stub: the generated stub, a request message, the token in call metadata;
@@ -21,10 +22,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
 import statistics
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -32,6 +34,8 @@ import uvloop
 from raptorflow.data.client import ClientConfig, DataClient, bearer_auth
 from raptorflow.data.client._values import to_value
 from raptorflow.data.v1 import workspace_service_pb2, workspace_service_pb2_grpc
+
+from bench import processes
 
 WORKSPACE = "6f1c1f4e-8a43-4c4e-9d2b-0f7c1b1f0a11"
 SERVICE = "raptorflow.data.v1.WorkspaceService"
@@ -48,24 +52,6 @@ def response_bytes(rows: int) -> bytes:
         for value in (i, WORKSPACE, f"name {i}", i * 0.5, i):
             row.values.append(to_value(value))
     return response.SerializeToString()
-
-
-def _serve(answer: bytes, ports: Any) -> None:
-    async def main() -> None:
-        server = grpc.aio.server()
-
-        async def select(_request: bytes, _context: Any) -> bytes:
-            return answer
-
-        handler = grpc.method_handlers_generic_handler(
-            SERVICE, {"Select": grpc.unary_unary_rpc_method_handler(select)}
-        )
-        server.add_generic_rpc_handlers((handler,))
-        ports.put(server.add_insecure_port("127.0.0.1:0"))
-        await server.start()
-        await server.wait_for_termination()
-
-    uvloop.run(main())
 
 
 async def _measure(
@@ -140,23 +126,26 @@ async def _run(target: str, rows: int, calls: int, concurrency: int) -> list[dic
     return results
 
 
+async def _run_against_echo(rows: int, calls: int, concurrency: int) -> list[dict[str, Any]]:
+    """`_run` against `python -m bench.echo` (in a process of its own) answering `rows` rows."""
+    with tempfile.TemporaryDirectory(prefix="raptorflow-bench-client-") as scratch:
+        response = Path(scratch) / "response.bin"
+        response.write_bytes(response_bytes(rows))
+        server = await processes.start_echo_server(response, Path(scratch))
+        try:
+            return await _run(server.address, rows, calls, concurrency)
+        finally:
+            await server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--rows", default="1,100", help="response sizes, comma-separated")
     args = parser.parse_args()
-    context = multiprocessing.get_context("spawn")
     for rows in (int(r) for r in args.rows.split(",")):
-        ports = context.Queue()
-        server = context.Process(target=_serve, args=(response_bytes(rows), ports), daemon=True)
-        server.start()
-        try:
-            target = f"127.0.0.1:{ports.get(timeout=30)}"
-            results = uvloop.run(_run(target, rows, args.calls, args.concurrency))
-        finally:
-            server.kill()
-            server.join()
+        results = uvloop.run(_run_against_echo(rows, args.calls, args.concurrency))
         print(f"\n{rows} row(s) per response, concurrency {args.concurrency}, {args.calls} calls")
         header = ("client path", "cpu us/call", "wall us/call", "p50 us", "p99 us")
         print(f"{header[0]:36s} {header[1]:>12s} {header[2]:>13s} {header[3]:>8s} {header[4]:>8s}")
