@@ -290,6 +290,9 @@ async def start(settings: Settings) -> RunningServer:
         raise
     monitoring = Monitoring(settings, database, replica_id, maintenance.scheduler.list)
     maintenance.jobs.on_end = monitoring.record_job
+    maintenance.jobs.on_scheduled_end = monitoring.record_scheduled_job
+    monitoring.expect_schedules(s.name for s in maintenance.scheduler.schedules)
+    monitoring.health = health.serving
     server: grpc.aio.Server | None = None
     health_listener: HealthListener | None = None
     try:

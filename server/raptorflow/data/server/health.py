@@ -88,6 +88,10 @@ class HealthServicer:
                 waiting.cancel()
         await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
 
+    def serving(self) -> dict[str, bool]:
+        """Whether each known name is SERVING now (for the metrics)."""
+        return {name: status == SERVING for name, status in self._status.items()}
+
     async def set(self, service: str, status: Status) -> None:
         """Sets one name's status; ignored once shutdown has begun."""
         if not self._shutting_down:

@@ -71,7 +71,7 @@ SET state = $3, result = $4, error_code = $5, error_reason = $6, error_message =
     phase = $8, done = $9, total = $10, unit = $11,
     ended_at = now(), updated_at = now(), lease_expires_at = NULL
 WHERE id = $1 AND replica = $2 AND state IN ('QUEUED', 'RUNNING')
-RETURNING kind
+RETURNING kind, schedule
 """
 
 # A replica renews the leases of the jobs it holds (queued or running), and
@@ -98,7 +98,7 @@ SET state = 'FAILED', ended_at = now(), updated_at = now(), lease_expires_at = N
         ' (the replica stopped or lost the database)',
         replica, lower(state))
 WHERE state IN ('QUEUED', 'RUNNING') AND lease_expires_at < now()
-RETURNING id, replica, kind
+RETURNING id, replica, kind, schedule
 """
 
 # A replica that stops ends the jobs it still holds queued (or dispatched, when
@@ -109,7 +109,7 @@ SET state = 'FAILED', ended_at = now(), updated_at = now(), lease_expires_at = N
     error_code = 'UNAVAILABLE', error_reason = 'SERVER_STOPPING',
     error_message = 'replica ' || replica || ' stopped before the job could start'
 WHERE id = ANY($1::uuid[]) AND replica = $2 AND state = 'QUEUED'
-RETURNING kind
+RETURNING kind, schedule
 """
 
 PRUNE_JOBS = """

@@ -168,6 +168,9 @@ class Jobs:
         """Called with (kind, final state) for each job whose end this replica records:
         the jobs it ran, queued jobs it cancelled or failed, expired leases it swept
         (so each job is counted once, by one replica). The metrics count job outcomes."""
+        self.on_scheduled_end: Callable[[str, job_pb2.JobState.ValueType], None] | None = None
+        """Called with (schedule name, final state) as well when such a job was started by a
+        schedule, so the metrics can tell scheduled runs' success from manual ones'."""
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -228,7 +231,7 @@ class Jobs:
                         sql.FAIL_QUEUED, [uuid.UUID(i) for i in ids], self.replica_id
                     )
             for row in failed:
-                self._ended(row["kind"], job_pb2.JOB_STATE_FAILED)
+                self._ended(row["kind"], job_pb2.JOB_STATE_FAILED, row["schedule"])
         except Exception as exc:  # their leases run out instead
             log.warning("could not end %d queued jobs: %s", len(ids), _describe(exc))
 
@@ -397,7 +400,7 @@ class Jobs:
             raise _not_found(str(key))
         job = sql.job_from_row(row)
         if ended_here:
-            self._ended(job.spec.WhichOneof("kind") or "", job.state)
+            self._ended(job.spec.WhichOneof("kind") or "", job.state, job.schedule)
         # A job this replica runs stops at once, without waiting for its NOTIFY.
         run = self._runs.get(job.job_id)
         if run is not None and job.cancel_requested:
@@ -527,7 +530,7 @@ class Jobs:
         while True:
             try:
                 async with self._connection() as conn:
-                    ended_kind = await conn.fetchval(
+                    ended = await conn.fetchrow(
                         sql.FINISH_JOB,
                         uuid.UUID(job_id),
                         self.replica_id,
@@ -541,11 +544,11 @@ class Jobs:
                         progress.total,
                         progress.unit,
                     )
-                if ended_kind is not None:
+                if ended is not None:
                     log.info(
                         "job %s ended %s%s", job_id, outcome.state, f" ({reason})" if reason else ""
                     )
-                    self._ended(ended_kind, sql.STATES_BY_NAME[outcome.state])
+                    self._ended(ended["kind"], sql.STATES_BY_NAME[outcome.state], ended["schedule"])
                 return
             except Exception as exc:
                 if time.monotonic() + delay > give_up_at:
@@ -655,7 +658,7 @@ class Jobs:
                     row["id"],
                     row["replica"],
                 )
-                self._ended(row["kind"], job_pb2.JOB_STATE_FAILED)
+                self._ended(row["kind"], job_pb2.JOB_STATE_FAILED, row["schedule"])
             if prune or (prune is None and time.monotonic() >= self._next_prune):
                 await self._prune(conn)
                 self._next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
@@ -671,12 +674,14 @@ class Jobs:
 
     # -- plumbing ------------------------------------------------------------------
 
-    def _ended(self, kind: str, state: job_pb2.JobState.ValueType) -> None:
-        if self.on_end is not None:
-            try:
+    def _ended(self, kind: str, state: job_pb2.JobState.ValueType, schedule: str) -> None:
+        try:  # a metrics hook never breaks a job
+            if self.on_end is not None:
                 self.on_end(kind, state)
-            except Exception:  # a metrics hook never breaks a job
-                log.exception("the job end hook failed")
+            if schedule and self.on_scheduled_end is not None:
+                self.on_scheduled_end(schedule, state)
+        except Exception:
+            log.exception("the job end hook failed")
 
     def _check_watchable(self) -> None:
         if self._watches_closed or self._closing:

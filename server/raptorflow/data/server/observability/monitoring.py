@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 from prometheus_client import CollectorRegistry
@@ -36,6 +36,7 @@ from raptorflow.data.v1 import job_pb2, monitoring_service_pb2
 log = logging.getLogger(__name__)
 
 UTILIZATION_TARGET = 0.8
+_FINAL_STATES = ("succeeded", "failed", "cancelled")
 
 
 class Monitoring:
@@ -62,6 +63,10 @@ class Monitoring:
         self.watchdog = LeakWatchdog(database, settings.leak_seconds)
         self._peak_in_use = WindowedPeak(clock)
         self._jobs: dict[tuple[str, str], int] = {}
+        self._scheduled_jobs: dict[tuple[str, str], int] = {}
+        self.health: Callable[[], dict[str, bool]] = dict
+        """Whether each health name is SERVING now; `app.start` points it at the health
+        servicer."""
         self.registry = CollectorRegistry(auto_describe=False)
         """This replica's own metrics (never the process-wide default registry)."""
         self._endpoint: MetricsEndpoint | None = None
@@ -100,9 +105,21 @@ class Monitoring:
         `kind` is the JobSpec's `kind` oneof case ("vacuum", "backup_to_file"...);
         `state` its final JobState, as the enum value or its name.
         """
-        name = job_pb2.JobState.Name(state) if isinstance(state, int) else state  # type: ignore[arg-type]
-        key = (kind, name.removeprefix("JOB_STATE_").lower())
+        key = (kind, _state_label(state))
         self._jobs[key] = self._jobs.get(key, 0) + 1
+
+    def expect_schedules(self, names: Iterable[str]) -> None:
+        """Exports raptorflow_scheduled_jobs_total at 0 for each configured schedule and final
+        state from the start: Prometheus' increase() cannot see a series' first increment,
+        so a schedule whose first run fails would otherwise never lower the success ratio."""
+        for name in names:
+            for state in _FINAL_STATES:
+                self._scheduled_jobs.setdefault((name, state), 0)
+
+    def record_scheduled_job(self, schedule: str, state: str | int) -> None:
+        """Counts one job a schedule started that ended (raptorflow_scheduled_jobs_total)."""
+        key = (schedule, _state_label(state))
+        self._scheduled_jobs[key] = self._scheduled_jobs.get(key, 0) + 1
 
     def _metrics_host_port(self) -> tuple[str, int]:
         host = self._settings.metrics_listen.rpartition(":")[0] or "0.0.0.0"
@@ -211,4 +228,12 @@ class Monitoring:
             slow_queries=self.slow_queries.total,
             check=self._database.last_check,
             jobs=dict(self._jobs),
+            scheduled_jobs=dict(self._scheduled_jobs),
+            health=self.health(),
         )
+
+
+def _state_label(state: str | int) -> str:
+    """A JobState (the enum value or its name) as a label value: "succeeded", "failed"..."""
+    name = job_pb2.JobState.Name(state) if isinstance(state, int) else state  # type: ignore[arg-type]
+    return name.removeprefix("JOB_STATE_").lower()
