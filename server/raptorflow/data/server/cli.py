@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
         [
             "database_url",
             "owner_database_url",
+            "direct_database_url",
+            "pgbouncer",
             "app_role",
             "schema",
             "tables",

@@ -31,7 +31,17 @@ class Settings:
     database_url: str = ""
     """Connection string for queries (the application role)."""
     owner_database_url: str = ""
-    """Connection string of the tables' owner, for migrations; empty uses database_url."""
+    """Connection string of the tables' owner, for migrations, catalog reloads, maintenance and
+    the job history; empty uses direct_database_url, or else database_url."""
+    direct_database_url: str = ""
+    """Connection string that reaches PostgreSQL itself, never through PgBouncer, as the query
+    role's user: the LISTEN connections of sync streams and jobs use it. Empty uses
+    database_url, or, with pgbouncer, owner_database_url."""
+    pgbouncer: bool = False
+    """database_url leads through PgBouncer in transaction pooling mode: the query pool keeps no
+    prepared statements, runs every statement in an explicit transaction and sets its role and
+    statement_timeout per transaction (SET LOCAL), never per session. Needs
+    direct_database_url or owner_database_url for what cannot be pooled (LISTEN, migrations)."""
     app_role: str = "raptorflow_app"
     """With a single (owner) URL: the non-owner role queries run as, created by migrations.
     Empty runs queries as the URL's own user."""
@@ -158,7 +168,15 @@ class Settings:
 
     @property
     def effective_owner_url(self) -> str:
-        return self.owner_database_url or self.database_url
+        return self.owner_database_url or self.direct_database_url or self.database_url
+
+    @property
+    def listen_url(self) -> str:
+        """Where LISTEN connections go: a session of their own, which PgBouncer's transaction
+        pooling cannot give; empty when pgbouncer is on and no direct URL is set."""
+        if self.direct_database_url:
+            return self.direct_database_url
+        return self.owner_database_url if self.pgbouncer else self.database_url
 
     @property
     def query_role(self) -> str:

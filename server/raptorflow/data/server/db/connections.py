@@ -16,6 +16,18 @@ row-level security policies of `row_security.py` let it see that workspace's
 rows only, and nothing of the setting outlives the transaction. Owner-pool
 connections carry `raptorflow.all_workspaces = on` for their whole session,
 which the owner's own policy asks for: maintenance keeps seeing every row.
+
+PgBouncer mode (`settings.pgbouncer`): the query pool and the session connection
+reach PostgreSQL through PgBouncer in transaction pooling mode, where two
+statements outside a transaction may run on two different server connections,
+and a server connection carries other clients' transactions in between. So
+those connections keep no prepared statements (asyncpg's cache names them, and
+the next call may land where that name was never prepared), send no startup
+parameter but `application_name` (PgBouncer 1.18 refuses the rest), and run
+every block in an explicit transaction whose BEGIN script also sets the query
+role and `statement_timeout` locally. The
+LISTEN connections need a session of their own and go to `listen_url` (direct);
+the owner and job pools use the owner's URL, which must be direct too.
 """
 
 from __future__ import annotations
@@ -113,6 +125,22 @@ def begin_script(
     return "; ".join(parts)
 
 
+def pooled_session_settings(settings: Settings) -> str:
+    """What a connection through PgBouncer sets per transaction instead of per session (SET
+    LOCAL statements, for `begin_script`'s prelude): its role and statement_timeout."""
+    if not settings.pgbouncer:
+        return ""
+    parts = []
+    if settings.query_role:
+        parts.append(f"SET LOCAL ROLE {_quote_ident(settings.query_role)}")
+    parts.append(f"SET LOCAL statement_timeout = {int(settings.statement_timeout * 1000)}")
+    return "; ".join(parts)
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 def owner_pool_max_size(settings: Settings) -> int:
     """Two connections for catalog reloads, pruning and streamed backups, plus one per job
     slot: a running job (VACUUM, a backup) holds an owner connection for as long as it runs."""
@@ -155,6 +183,30 @@ def deadline_exceeded() -> ServiceError:
     return ServiceError(Code.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "the call's deadline passed")
 
 
+def connection_lost(exc: BaseException) -> bool:
+    """Whether `exc` says the database connection went away (rather than a statement failed)."""
+    return isinstance(exc, UNREACHABLE_ERRORS) or (
+        isinstance(exc, asyncpg.InterfaceError)
+        and "connection" in str(exc)
+        and "closed" in str(exc)
+    )
+
+
+def commit_outcome_unknown() -> ServiceError:
+    """The connection was lost after COMMIT was sent: the transaction may have committed.
+
+    UNAVAILABLE like any lost connection, but with a reason of its own, because
+    DATABASE_UNAVAILABLE promises that nothing was written. The client's write
+    retry policy never retries UNAVAILABLE, so the write is not applied twice.
+    """
+    return ServiceError(
+        Code.UNAVAILABLE,
+        "COMMIT_OUTCOME_UNKNOWN",
+        "the database connection was lost during COMMIT: the write may or may not have been "
+        "applied; read it back before retrying",
+    )
+
+
 def _set_event(event: asyncio.Event, *_: object) -> None:
     event.set()
 
@@ -191,6 +243,14 @@ class Database:
         """The latest check on the session connection; None before the first."""
         self.on_slow_query: Callable[[SlowStatement], None] | None = None
         """Called with every query-pool statement that ran at least `slow_query_seconds`."""
+        self._pgbouncer = settings.pgbouncer
+        # SET LOCAL statements every query-pool transaction starts with (PgBouncer mode).
+        self._pooled_prelude = pooled_session_settings(settings)
+        if settings.pgbouncer and not settings.listen_url:
+            raise SystemExit(
+                "RAPTORFLOW_PGBOUNCER needs a direct connection string for LISTEN and "
+                "migrations: set RAPTORFLOW_DIRECT_DATABASE_URL or RAPTORFLOW_OWNER_DATABASE_URL"
+            )
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -209,6 +269,22 @@ class Database:
             # that run as the owner stay bound to one workspace.
             server_settings[ALL_WORKSPACES_SETTING] = "on"
         return {"timeout": self._settings.connect_timeout, "server_settings": server_settings}
+
+    def _query_connect_kwargs(self) -> dict[str, Any]:
+        """How query-pool and session connections connect to `database_url`."""
+        if not self._pgbouncer:
+            return self._connect_kwargs(as_app_role=True)
+        # PgBouncer 1.18 refuses startup parameters it does not track ("unsupported startup
+        # parameter"), and would hand session settings to other clients anyway: the role
+        # and statement_timeout travel in each transaction's BEGIN script instead.
+        # Without a statement cache asyncpg sends each statement unnamed, as parse,
+        # describe and flush, then bind, execute and sync: PgBouncer hands the server
+        # connection back only at the sync, so both halves run on the same one.
+        return {
+            "timeout": self._settings.connect_timeout,
+            "server_settings": {"application_name": "raptorflow-data"},
+            "statement_cache_size": 0,
+        }
 
     def _retrying(self) -> tenacity.AsyncRetrying:
         return tenacity.AsyncRetrying(
@@ -264,12 +340,12 @@ class Database:
                     max_size=self._settings.pool_max_size,
                     reset=_no_reset,
                     init=self._init_query_connection,
-                    **self._connect_kwargs(as_app_role=True),
+                    **self._query_connect_kwargs(),
                 )
-        session = await self._ensure_session()
+        await self._ensure_session()
         if self._settings.row_security:
             # Superusers and BYPASSRLS roles ignore every policy: say so once, loudly.
-            unbound = await session.fetchval(_UNBOUND_ROLE_SQL)
+            unbound = await self._session_fetchval(_UNBOUND_ROLE_SQL)
             if unbound:
                 log.warning(
                     "row security is on, but queries run as %s, a superuser or BYPASSRLS "
@@ -278,7 +354,12 @@ class Database:
                 )
 
     async def _init_query_connection(self, connection: asyncpg.Connection) -> None:
-        await codecs.register(connection)
+        if self._pgbouncer:
+            # The codecs' type lookups are statements too: one transaction, one server.
+            async with connection.transaction():
+                await codecs.register(connection)
+        else:
+            await codecs.register(connection)
         connection.add_query_logger(self._log_query)
 
     def _log_query(self, record: asyncpg.connection.LoggedQuery) -> None:
@@ -347,8 +428,9 @@ class Database:
             connection: asyncpg.Connection | None = None
             listening = False
             try:
+                # A LISTEN lives as long as its session: never through PgBouncer.
                 connection = await asyncpg.connect(
-                    self._settings.database_url, **self._connect_kwargs(as_app_role=True)
+                    self._settings.listen_url, **self._connect_kwargs(as_app_role=True)
                 )
                 lost = asyncio.Event()
                 connection.add_termination_listener(functools.partial(_set_event, lost))
@@ -399,7 +481,14 @@ class Database:
 
     @contextlib.asynccontextmanager
     async def connection(
-        self, deadline: Deadline, *, long_lived: bool = False
+        self,
+        deadline: Deadline,
+        *,
+        long_lived: bool = False,
+        transaction: bool = False,
+        isolation: Isolation | None = None,
+        readonly: bool = False,
+        prelude: str = "",
     ) -> AsyncIterator[Connection]:
         """A query-pool connection, waited for at most min(deadline, acquire timeout).
 
@@ -415,7 +504,23 @@ class Database:
         Statements on it are not scoped to a workspace: with `row_security` on
         they see no row of a protected table. Workspace calls use
         `workspace_connection`.
+
+        With `transaction` (and always in PgBouncer mode) the block runs in one
+        transaction, opened and ended as `workspace_connection` does it, with
+        `isolation`, `readonly` and `prelude`; the block must not open one itself.
         """
+        if transaction or self._pgbouncer:
+            async with self.workspace_connection(
+                deadline,
+                None,
+                transaction=True,
+                isolation=isolation,
+                readonly=readonly,
+                prelude=prelude,
+                long_lived=long_lived,
+            ) as connection:
+                yield connection
+            return
         connection, hold = await self._acquire(deadline, long_lived)
         try:
             yield connection
@@ -426,7 +531,7 @@ class Database:
     async def workspace_connection(
         self,
         deadline: Deadline,
-        workspace: uuid.UUID,
+        workspace: uuid.UUID | None,
         *,
         transaction: bool = False,
         isolation: Isolation | None = None,
@@ -442,32 +547,46 @@ class Database:
         committing another. With it off, a transaction is opened only when the
         caller needs one (`transaction`, for atomicity or for `isolation`), and
         otherwise the connection is handed over as it is, as before the net.
+        In PgBouncer mode every block is a transaction. `workspace` None scopes
+        to no workspace (what `connection` gives).
 
         `isolation`, `readonly` and `prelude` (fixed SQL run right after BEGIN,
         such as SET LOCAL statements) apply whenever a transaction is opened.
         The block must not open a transaction of its own: it already is one.
         BEGIN and COMMIT are bounded by the deadline like any statement; a COMMIT
         past the deadline is not sent, so the call fails as DEADLINE_EXCEEDED
-        with nothing written.
+        with nothing written. A connection lost once COMMIT was sent fails a
+        read-write block with UNAVAILABLE, reason COMMIT_OUTCOME_UNKNOWN: it may
+        have committed (`readonly` blocks, having nothing to commit, say
+        DATABASE_UNAVAILABLE like any lost connection).
         """
         scoped = self._settings.row_security
         connection, hold = await self._acquire(deadline, long_lived)
-        if not scoped and not transaction:
+        if not scoped and not transaction and not self._pgbouncer:
             try:
                 yield connection
             finally:
                 await self._release(connection, hold)
             return
         cap = self._settings.statement_timeout
+        if self._pooled_prelude:
+            prelude = f"{self._pooled_prelude}; {prelude}" if prelude else self._pooled_prelude
         script = begin_script(
             workspace if scoped else None, isolation=isolation, readonly=readonly, prelude=prelude
         )
+        committing = False
         try:
             await connection.execute(script, timeout=deadline.timeout(cap))
             yield connection
-            await connection.execute("COMMIT", timeout=deadline.timeout(cap))
-        except BaseException:
+            commit_timeout = deadline.timeout(cap)
+            committing = True
+            await connection.execute("COMMIT", timeout=commit_timeout)
+        except BaseException as exc:
             await self._end_failed(connection, hold)
+            if committing and not readonly and connection_lost(exc):
+                # PostgreSQL may have committed before the connection broke: saying
+                # DATABASE_UNAVAILABLE (nothing written) could make the caller write twice.
+                raise commit_outcome_unknown() from exc
             raise
         await self._release(connection, hold)
 
@@ -598,7 +717,10 @@ class Database:
         pid = hold.backend_pid()
         with contextlib.suppress(asyncpg.InterfaceError):  # released meanwhile: nothing to end
             hold.connection.terminate()
-        if pid:
+        # Through PgBouncer the pid is PgBouncer's key for the client, not a backend's:
+        # PgBouncer closes the server connection of a client that left mid-transaction,
+        # and the statement ends by its (local) statement_timeout at the latest.
+        if pid and not self._pgbouncer:
             try:
                 async with asyncio.timeout(self._settings.health_timeout):
                     async with self.owner_pool.acquire() as owner:
@@ -616,11 +738,29 @@ class Database:
     async def _ensure_session(self) -> asyncpg.Connection:
         if self._session is None or self._session.is_closed():
             self._session = await asyncpg.connect(
-                self._settings.database_url, **self._connect_kwargs(as_app_role=True)
+                self._settings.database_url, **self._query_connect_kwargs()
             )
             # Once per connection: a server upgrade means a new connection anyway.
-            self._server_version = str(await self._session.fetchval("SHOW server_version"))
+            self._server_version = str(await self._session_fetchval("SHOW server_version"))
         return self._session
+
+    async def _session_fetchval(self, query: str) -> Any:
+        """One value from the session connection; in PgBouncer mode inside a transaction
+        that sets the query role, like every query-pool statement."""
+        session = self._session
+        assert session is not None
+        if not self._pgbouncer:
+            return await session.fetchval(query)
+        try:
+            await session.execute(begin_script(None, readonly=True, prelude=self._pooled_prelude))
+            value = await session.fetchval(query)
+            await session.execute("ROLLBACK")
+        except BaseException:
+            # Never keep a session whose transaction may still be open (nor wait on a
+            # ROLLBACK over a lost connection): the next check connects afresh.
+            session.terminate()
+            raise
+        return value
 
     async def check(self) -> bool:
         """True when the database answers on the session connection within the health timeout.
@@ -631,8 +771,8 @@ class Database:
             started = time.monotonic()
             try:
                 async with asyncio.timeout(self._settings.health_timeout):
-                    session = await self._ensure_session()
-                    await session.fetchval("SELECT 1")
+                    await self._ensure_session()
+                    await self._session_fetchval("SELECT 1")
                 reachable = True
             except _CHECK_ERRORS as exc:
                 log.warning("database check failed: %s", exc or type(exc).__name__)

@@ -516,10 +516,14 @@ class SyncStreams:
         runs: list[tuple[_TablePlan, list[asyncpg.Record]]] = []
         async with (
             self._read_slots,
-            self._database.connection(_NO_DEADLINE) as conn,
-            conn.transaction(isolation="repeatable_read", readonly=True),
+            self._database.connection(
+                _NO_DEADLINE,
+                transaction=True,
+                isolation="repeatable_read",
+                readonly=True,
+                prelude=sql.PAGE_PLANS,
+            ) as conn,
         ):
-            await conn.execute(sql.PAGE_PLANS)
             # One snapshot for the mark and the entries: an entry pruned before it is
             # seen in the mark, one pruned after it is still read here.
             if await conn.fetchval(sql.PRUNED, plan.workspace, position.lowest):
@@ -566,11 +570,9 @@ class SyncStreams:
         while True:
             await asyncio.sleep(self._settings.sync_poll_seconds)
             try:
-                async with (
-                    self._database.connection(_NO_DEADLINE) as conn,
-                    conn.transaction(readonly=True),
-                ):
-                    await conn.execute(sql.CUSTOM_PLANS)
+                async with self._database.connection(
+                    _NO_DEADLINE, transaction=True, readonly=True, prelude=sql.CUSTOM_PLANS
+                ) as conn:
                     row = await conn.fetchrow(sql.POLL, self._wakeups.workspaces(), previous)
             except Exception as exc:  # the streams find out what is wrong when they read
                 log.warning("change-log poll failed: %s", exc or type(exc).__name__)
