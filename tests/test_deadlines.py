@@ -41,8 +41,11 @@ FROM pg_stat_activity
 WHERE datname = current_database() AND application_name = 'raptorflow-data'
   AND state <> 'idle' AND query LIKE '%campaigns%'
 """
-# Cancelling a query takes a round trip to PostgreSQL on a second connection.
-QUIET_WITHIN = 3.0
+# Cancelling a query takes a round trip to PostgreSQL on a second connection: well under a
+# second, but seconds on a loaded machine (1,000 random cancels beside a busy CPU took more
+# than 3). Still below the 10 s statement_timeout of the test settings, so a query that was
+# only abandoned, not cancelled, is still caught waiting on its lock.
+QUIET_WITHIN = 6.0
 
 
 async def assert_quiet(db: asyncpg.Connection, server: RunningServer) -> None:
@@ -106,10 +109,14 @@ async def test_client_cancel_cancels_the_query(
     assert await status_after_release(db, row_id) == "original"
 
 
+RANDOM_CALLS = 1_000
+
+
 async def test_many_calls_cancelled_or_timed_out_at_random_leak_nothing(
     db: asyncpg.Connection, server: RunningServer, stub: Stub, workspace: str
 ) -> None:
-    """500 calls end at random moments: waiting for a connection, in a query, or done."""
+    """1,000 calls (the issue's CI figure) end at random moments: waiting for a connection,
+    in a query, or done. Streaming calls ended at random are in test_faults.py."""
     rng = random.Random(20240607)
     row_id = await insert_row(db, workspace, "locked")
     outcomes: Counter[str] = Counter()
@@ -146,10 +153,10 @@ async def test_many_calls_cancelled_or_timed_out_at_random_leak_nothing(
 
     async with db.transaction():
         await lock_row(db, row_id)
-        await asyncio.gather(*(one(i) for i in range(500)))
+        await asyncio.gather(*(one(i) for i in range(RANDOM_CALLS)))
         await assert_quiet(db, server)
 
-    assert sum(outcomes.values()) == 500
+    assert sum(outcomes.values()) == RANDOM_CALLS
     allowed = {
         f"{kind} {code}"
         for kind in ("update", "select", "count")

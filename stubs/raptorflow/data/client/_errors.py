@@ -18,6 +18,7 @@ Every failed call raises a `DataError` subclass chosen by the status code::
      ├── Unimplemented        UNIMPLEMENTED
      ├── InternalError        INTERNAL
      ├── Unavailable          UNAVAILABLE          the server or its database cannot be reached
+     │    └── CommitOutcomeUnknown  reason COMMIT_OUTCOME_UNKNOWN: the write may have applied
      ├── DataLoss             DATA_LOSS
      └── Unauthenticated      UNAUTHENTICATED
 
@@ -30,7 +31,10 @@ the offending request field ("filter.condition.column"). The original
 A few reasons that call for their own handling get a subclass of their status
 code's class, chosen by `reason`: `ResnapshotRequired` is the
 FAILED_PRECONDITION with reason RESNAPSHOT_REQUIRED, so a sync consumer can
-catch exactly it and start again without a resume token.
+catch exactly it and start again without a resume token; `CommitOutcomeUnknown`
+is the UNAVAILABLE of a write whose connection died after COMMIT was sent, so a
+writer knows to read back (or write idempotently) before it tries again, while
+any other `Unavailable` of a write means nothing was written.
 """
 
 from collections.abc import Iterable, Mapping
@@ -202,6 +206,18 @@ class Unavailable(DataError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class CommitOutcomeUnknown(Unavailable):
+    """The database connection died after the write's COMMIT was sent: it may or may not
+    have been applied.
+
+    Read the rows back, or retry only a write that is idempotent (an upsert on a key,
+    memory records by id). The client never retries it by itself.
+    """
+
+    REASON: ClassVar[str] = "COMMIT_OUTCOME_UNKNOWN"
+    """The ErrorInfo reason the server sends for it."""
+
+
 class DataLoss(DataError):
     """Data was lost or corrupted."""
 
@@ -241,6 +257,7 @@ _ERROR_BY_CODE: Final[Mapping[grpc.StatusCode, type[DataError]]] = {
 # names, and a proxy that rewrote the domain should not hide them.
 _ERROR_BY_REASON: Final[Mapping[tuple[grpc.StatusCode, str], type[DataError]]] = {
     (ResnapshotRequired.code, ResnapshotRequired.REASON): ResnapshotRequired,
+    (CommitOutcomeUnknown.code, CommitOutcomeUnknown.REASON): CommitOutcomeUnknown,
 }
 
 

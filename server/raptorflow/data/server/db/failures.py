@@ -13,7 +13,7 @@ import logging
 from collections.abc import Mapping
 
 import asyncpg
-from raptorflow.data.server.db.connections import UNREACHABLE_ERRORS
+from raptorflow.data.server.db.connections import UNREACHABLE_ERRORS, connection_lost
 from raptorflow.data.server.errors import Code, FieldViolation, ServiceError
 
 log = logging.getLogger(__name__)
@@ -95,10 +95,7 @@ def to_service_error(exc: BaseException) -> ServiceError:
         return ServiceError(
             Code.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "the call's deadline passed"
         )
-    if isinstance(exc, UNREACHABLE_ERRORS) or (
-        isinstance(exc, asyncpg.InterfaceError)
-        and ("connection" in str(exc) and "closed" in str(exc))
-    ):
+    if connection_lost(exc) or _broken_by_the_server(exc):
         return ServiceError(
             Code.UNAVAILABLE, "DATABASE_UNAVAILABLE", "the database cannot be reached"
         )
@@ -116,6 +113,17 @@ def to_service_error(exc: BaseException) -> ServiceError:
         )
     log.exception("unexpected error in a call", exc_info=exc)
     return ServiceError(Code.INTERNAL, "INTERNAL", "the service failed unexpectedly")
+
+
+def _broken_by_the_server(exc: BaseException) -> bool:
+    """A statement refused before it was sent because the connection is in the middle of
+    an error: the server ended the session (pg_terminate_backend, a shutdown) while it was
+    idle, and asyncpg has read the FATAL message but not yet the end of the connection.
+
+    asyncpg then says "cannot switch to state N; another operation (M) is in progress".
+    Nothing was sent and the session's transaction is gone: UNAVAILABLE, nothing written.
+    """
+    return isinstance(exc, asyncpg.InternalClientError) and "cannot switch to state" in str(exc)
 
 
 def _row_security_violation(message: str) -> ServiceError:

@@ -334,7 +334,10 @@ class Backups:
         queue: asyncio.Queue[pb.ExportBackupResponse | backup_stream.Ended] = asyncio.Queue(
             _QUEUED_MESSAGES
         )
-        copy = functools.partial(self._copy_out, scope, chunk_bytes, budget, wait, queue, report)
+        held: list[Connection] = []
+        copy = functools.partial(
+            self._copy_out, scope, chunk_bytes, budget, wait, queue, report, held
+        )
         producer = asyncio.create_task(self._produce(copy, budget, queue), name="backup-export")
         self._tasks.add(producer)
         producer.add_done_callback(self._tasks.discard)
@@ -348,9 +351,20 @@ class Backups:
                 yield item
         finally:
             if not producer.done():
-                # The reader went away (cancelled, failed or closed the stream): end the
-                # COPY; the producer rolls back and releases its connection before it ends.
+                # The reader went away (cancelled, failed or closed the stream). Closing
+                # the connection ends the COPY and its read-only transaction in PostgreSQL
+                # at once. Cancelling the producer inside COPY's output callback alone left
+                # asyncpg waiting, now and then for good, for the end of a COPY that had
+                # already sent its last rows: the connection stayed idle in transaction and
+                # its owner-pool slot was lost (tests/test_faults.py, random stream ends).
+                for connection in held:
+                    # A connection already handed back has a detached proxy, which refuses.
+                    with contextlib.suppress(Exception):
+                        connection.terminate()
                 producer.cancel()
+                # Room for how it ended, which nobody reads any more: it must not wait.
+                while not queue.empty():
+                    queue.get_nowait()
                 await asyncio.wait([producer])
 
     @staticmethod
@@ -378,11 +392,28 @@ class Backups:
         wait: float | None,
         queue: asyncio.Queue[pb.ExportBackupResponse | backup_stream.Ended],
         report: backup_stream.Report,
+        held: list[Connection] | None = None,
     ) -> None:
-        async with (
-            self._owner_connection(wait) as conn,
-            conn.transaction(isolation="repeatable_read", readonly=True),
-        ):
+        """The export's COPY, its messages queued; `held` has the connection while it runs
+        (emptied before the connection is handed back)."""
+        held = held if held is not None else []
+        async with self._owner_connection(wait) as conn:
+            held.append(conn)
+            try:
+                await self._copy_in_transaction(conn, scope, chunk_bytes, budget, queue, report)
+            finally:
+                held.clear()
+
+    async def _copy_in_transaction(
+        self,
+        conn: Connection,
+        scope: Scope,
+        chunk_bytes: int,
+        budget: float,
+        queue: asyncio.Queue[pb.ExportBackupResponse | backup_stream.Ended],
+        report: backup_stream.Report,
+    ) -> None:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
             await backup_tables.limit_statements(conn, budget)
             snapshot = await conn.fetchrow(_SNAPSHOT_SQL)
             assert snapshot is not None

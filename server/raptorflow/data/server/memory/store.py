@@ -169,7 +169,7 @@ class MemoryStore:
         if self._vector_search_sql is not None and low <= _norm(embedding) <= high:
             sql = self._vector_search_sql
             args.append(2 * queries.float32_cosine_error(len(embedding)))
-        async with self._database.workspace_connection(deadline, workspace) as conn:
+        async with self._database.workspace_connection(deadline, workspace, readonly=True) as conn:
             rows = await conn.fetch(
                 sql, *args, timeout=deadline.timeout(self._settings.statement_timeout)
             )

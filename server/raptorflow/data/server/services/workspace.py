@@ -151,7 +151,7 @@ class WorkspaceServicer(workspace_service_pb2_grpc.WorkspaceServiceServicer):
         deadline = self._deadline(context)
         statement = plan.statement
         workspace = self._workspace(request.workspace_id)
-        async with self._database.workspace_connection(deadline, workspace) as conn:
+        async with self._database.workspace_connection(deadline, workspace, readonly=True) as conn:
             records = await conn.fetch(
                 statement.sql,
                 *statement.args,
@@ -176,7 +176,7 @@ class WorkspaceServicer(workspace_service_pb2_grpc.WorkspaceServiceServicer):
         statement = compiler.compile_count(table, request)
         deadline = self._deadline(context)
         workspace = self._workspace(request.workspace_id)
-        async with self._database.workspace_connection(deadline, workspace) as conn:
+        async with self._database.workspace_connection(deadline, workspace, readonly=True) as conn:
             count = await conn.fetchval(
                 statement.sql,
                 *statement.args,
