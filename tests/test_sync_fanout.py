@@ -89,3 +89,37 @@ async def test_stopped_reads_give_every_caller_the_error_not_a_cancellation() ->
         with pytest.raises(RuntimeError, match="stopped"):
             await caller
     assert shared.started == 1
+
+
+async def test_a_read_stopped_before_it_began_gives_its_callers_the_error_too() -> None:
+    # A stream woken just before shutdown creates the read task; close() cancels it in the
+    # same loop turn, before its first step, so `_run` never sees the cancellation.
+    began = False
+
+    async def read() -> int:
+        nonlocal began
+        began = True
+        return 0
+
+    shared: SharedReads[str, int] = SharedReads(Wakeups().tick)
+    callers = [asyncio.ensure_future(shared.get("k", read)) for _ in range(2)]
+    await asyncio.sleep(0)  # the callers created the read and wait on it; it has not run
+    shared.cancel_all(lambda: RuntimeError("stopped"))
+    for caller in callers:
+        with pytest.raises(RuntimeError, match="stopped"):
+            await caller
+    assert not began
+    # Later callers get the error at once, without starting a read.
+    with pytest.raises(RuntimeError, match="stopped"):
+        await shared.get("k", read)
+    assert shared.started == 1
+
+
+async def test_a_caller_cancelled_itself_still_gets_its_cancellation() -> None:
+    shared: SharedReads[str, int] = SharedReads(Wakeups().tick)
+    caller = asyncio.ensure_future(shared.get("k", asyncio.Event().wait))  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    caller.cancel()
+    shared.cancel_all(lambda: RuntimeError("stopped"))
+    with pytest.raises(asyncio.CancelledError):
+        await caller

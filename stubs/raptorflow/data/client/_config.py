@@ -94,7 +94,10 @@ class ClientConfig:
 
     load_balancing_policy: str | None = None
     """The gRPC load-balancing policy, "pick_first" or "round_robin" (spread calls
-    over every address a DNS name resolves to); None keeps gRPC's default."""
+    over every address a DNS name resolves to); None keeps gRPC's default.
+    round_robin also watches each server's `readiness` health (the service config's
+    healthCheckConfig) and sends nothing to one that is not SERVING: a replica that
+    is draining for shutdown, or that cannot reach the database. pick_first ignores it."""
 
     def service_config(self) -> dict[str, Any]:
         """The gRPC service config the channel gets: retry policies and load balancing."""

@@ -101,6 +101,8 @@ class SharedReads(Generic[K, T]):
         self, key: K, read: Callable[[], Coroutine[Any, Any, T]], *, started_after: int = 0
     ) -> T:
         """The result of a read of `key` that started after clock time `started_after`."""
+        if self._stopped is not None:
+            raise self._stopped()
         entry = self._running.get(key)
         if entry is None or entry[0] <= started_after:
             task = asyncio.create_task(self._run(read))
@@ -108,8 +110,19 @@ class SharedReads(Generic[K, T]):
             self._running[key] = entry
             self.started += 1
             task.add_done_callback(functools.partial(self._forget, key, entry))
-        # Shielded: a caller that goes away must not cancel the read for the others.
-        return await asyncio.shield(entry[1])
+        try:
+            # Shielded: a caller that goes away must not cancel the read for the others.
+            return await asyncio.shield(entry[1])
+        except asyncio.CancelledError:
+            caller = asyncio.current_task()
+            own = caller is not None and caller.cancelling() > 0
+            if own or self._stopped is None or not entry[1].cancelled():
+                raise
+            # `cancel_all` cancelled a read that had not started yet, so `_run` never
+            # saw it: the callers still get the error, not a cancellation they would
+            # take for their own (a sync stream would end without a status, and hold
+            # the server's stop for the whole grace period).
+            raise self._stopped() from None
 
     async def _run(self, read: Callable[[], Coroutine[Any, Any, T]]) -> T:
         try:
