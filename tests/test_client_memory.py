@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import random
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
@@ -13,6 +16,7 @@ from raptorflow.data.client import (
     ChangeOperation,
     ClientConfig,
     DataClient,
+    DeadlineExceeded,
     InvalidArgument,
     MemoryRecord,
     ResnapshotRequired,
@@ -123,3 +127,36 @@ async def test_records_round_trip_and_search(client: DataClient, workspace: str)
     assert await client.memory.delete_records(workspace, ids=["m0"]) == 1
     again = await client.memory.search(workspace, [1.0, 0.0, 0.5], top_k=1)
     assert [r.record.id for r in again] == ["m1"]
+
+
+async def test_uploads_whose_deadline_passes_mid_stream_say_deadline_exceeded(
+    client: DataClient, workspace: str
+) -> None:
+    """A deadline that passes while records are being written ends in DeadlineExceeded.
+
+    grpc.aio 1.85 fails such a write with INTERNAL "Internal error from Core" (or a raw
+    cygrpc.ExecuteBatchError) in place of the call's real status (grpc/grpc#36066); in
+    300 uploads this happened dozens of times before the client looked past it.
+    """
+    rng = random.Random(36066)
+    outcomes: Counter[str] = Counter()
+
+    async def upload(i: int) -> None:
+        records = [
+            {"id": f"deadline-{i}-{n}", "kind": "fact", "embedding": [rng.random()] * 16}
+            for n in range(20)
+        ]
+        try:
+            await client.memory.upsert_records(
+                workspace, records, batch_size=5, timeout=rng.uniform(0.001, 0.03)
+            )
+            outcomes["OK"] += 1
+        except DeadlineExceeded:
+            outcomes["DEADLINE_EXCEEDED"] += 1
+        except Exception as exc:  # anything else is the bug
+            outcomes[f"{type(exc).__name__}: {exc}"] += 1
+
+    for start in range(0, 300, 25):
+        await asyncio.gather(*(upload(i) for i in range(start, start + 25)))
+    assert set(outcomes) <= {"OK", "DEADLINE_EXCEEDED"}, outcomes
+    assert outcomes["DEADLINE_EXCEEDED"] > 0, outcomes

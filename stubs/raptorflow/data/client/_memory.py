@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import math
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from functools import cached_property
@@ -57,7 +58,7 @@ from raptorflow.data.client._config import (
     MetadataValue,
     Timeout,
 )
-from raptorflow.data.client._errors import from_rpc_error
+from raptorflow.data.client._errors import DeadlineExceeded, from_rpc_error
 from raptorflow.data.client._values import (
     JsonValue,
     PyValue,
@@ -76,6 +77,8 @@ _SyncCall: TypeAlias = grpc.aio.UnaryStreamCall[
     memory_sync_service_pb2.SyncRequest, memory_sync_service_pb2.SyncResponse
 ]
 
+# Seconds a failed upload waits for its call's final status (it is normally there at once).
+_ENDED_STATUS_WAIT = 5.0
 _UpsertCall: TypeAlias = grpc.aio.StreamUnaryCall[
     memory_sync_service_pb2.UpsertMemoryRecordsRequest,
     memory_sync_service_pb2.UpsertMemoryRecordsResponse,
@@ -479,27 +482,36 @@ class _RecordUpload:
         self._deadline = deadline
         self._metadata = metadata
         self._call: _UpsertCall | None = None
+        self._expires_at: float | None = None
 
     async def send(self, records: list[memory_sync_service_pb2.MemoryRecord]) -> None:
         if self._call is None:
+            if self._deadline is not None:
+                self._expires_at = time.monotonic() + self._deadline
             # The writer API rather than a request iterator: grpc.aio swallows
             # an exception raised inside a request iterator and reports only a
             # cancelled call, which would hide a bad record's TypeError.
             self._call = self._stub.UpsertMemoryRecords(
                 None, timeout=self._deadline, metadata=self._metadata
             )
-        await self._call.write(
-            memory_sync_service_pb2.UpsertMemoryRecordsRequest(
-                workspace_id=self._workspace_id, records=records
+        try:
+            await self._call.write(
+                memory_sync_service_pb2.UpsertMemoryRecordsRequest(
+                    workspace_id=self._workspace_id, records=records
+                )
             )
-        )
+        except Exception as exc:
+            raise await self._how_it_ended(self._call, exc) from exc
 
     async def finish(self) -> UpsertCounts:
         if self._call is None:
             # Nothing to write: the contract wants 1 to 1,000 records a batch,
             # so an empty upload is answered here without a call.
             return UpsertCounts(inserted=0, updated=0, batches=0)
-        await self._call.done_writing()
+        try:
+            await self._call.done_writing()
+        except Exception as exc:
+            raise await self._how_it_ended(self._call, exc) from exc
         response = await self._call
         return UpsertCounts(
             inserted=response.inserted_count,
@@ -510,6 +522,47 @@ class _RecordUpload:
     def cancel(self) -> None:
         if self._call is not None:
             self._call.cancel()
+
+    async def _how_it_ended(self, call: _UpsertCall, failure: Exception) -> Exception:
+        """The error a failed write or half-close stands for: the call's own status.
+
+        A write that meets the end of the call (the server answered, or the
+        deadline passed, while records were on their way) fails in grpc.aio 1.85
+        with INTERNAL "Internal error from Core", which overwrites the call's real
+        status, or with a raw cygrpc.ExecuteBatchError (grpc/grpc#36066). The
+        status the call ended with is what the caller must see; when grpc has
+        overwritten it and the deadline has passed, that is DEADLINE_EXCEEDED.
+        """
+        if isinstance(failure, grpc.aio.AioRpcError) and not _lost_status(failure):
+            return from_rpc_error(failure)
+        ended: grpc.aio.AioRpcError | None = None
+        try:
+            # The call is over or ending, so its status is there at once; the bound
+            # only guards against a call grpc left open.
+            async with asyncio.timeout(_ENDED_STATUS_WAIT):
+                await call
+        except grpc.aio.AioRpcError as err:
+            ended = err
+        except Exception:  # no status to be had: judge by what is known
+            pass
+        if ended is not None and not _lost_status(ended):
+            return from_rpc_error(ended)
+        if self._expires_at is not None and time.monotonic() >= self._expires_at:
+            return DeadlineExceeded(
+                "the deadline passed while the records were being sent; "
+                "batches written before it stay written"
+            )
+        if isinstance(failure, grpc.aio.AioRpcError):
+            return from_rpc_error(failure)
+        return failure
+
+
+def _lost_status(err: grpc.aio.AioRpcError) -> bool:
+    """Whether grpc.aio replaced the call's status with its own INTERNAL (a write that met
+    the end of the call), so the status says nothing about what the server answered."""
+    return err.code() == grpc.StatusCode.INTERNAL and "Internal error from Core" in (
+        err.details() or ""
+    )
 
 
 # --------------------------------------------------------------------------
