@@ -184,7 +184,13 @@ def deadline_exceeded() -> ServiceError:
 
 
 def connection_lost(exc: BaseException) -> bool:
-    """Whether `exc` says the database connection went away (rather than a statement failed)."""
+    """Whether `exc` says the database connection went away (rather than a statement failed).
+
+    A timeout is not: TimeoutError is an OSError, but it means the deadline passed
+    (DEADLINE_EXCEEDED, which gRPC already defines as "may have completed").
+    """
+    if isinstance(exc, TimeoutError):
+        return False
     return isinstance(exc, UNREACHABLE_ERRORS) or (
         isinstance(exc, asyncpg.InterfaceError)
         and "connection" in str(exc)
