@@ -20,11 +20,12 @@ BUF_STAMP := $(BUF_DIR)/node_modules/.installed
 # The directory tools/gen_protos.py owns; proto-check looks only here.
 GENERATED := stubs/raptorflow/data/v1
 # Directories that do not exist yet are left out, so ruff and mypy do not fail on them.
-LINT_PATHS := $(wildcard server stubs tests examples bench tools)
-TYPED_PATHS := $(wildcard server stubs examples)
+LINT_PATHS := $(wildcard server stubs tests examples bench tools harness)
+TYPED_PATHS := $(wildcard server stubs examples harness)
 
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+SOAK_ARGS ?=
 RAPTORFLOW_LISTEN ?= 127.0.0.1:50051
 IMAGE ?= raptorflow-data:dev
 

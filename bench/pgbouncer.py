@@ -22,8 +22,8 @@ take turns and, within a case, the three servers take turns in an order that
 rotates each round. The figures that matter are the per-round ratios against
 `direct`, medianed: the machine is shared and absolute numbers move by 20-30 %.
 
-PgBouncer refuses to run as root; as root it runs as the `postgres` user. The
-starter is a copy of `tests/pgbouncer.py`'s (bench imports nothing from tests/).
+PgBouncer refuses to run as root; as root it runs as the `postgres` user
+(`harness/pgbouncer.py`, which the tests use too).
 """
 
 from __future__ import annotations
@@ -32,11 +32,8 @@ import argparse
 import asyncio
 import contextlib
 import os
-import pwd
 import random
 import shutil
-import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -56,6 +53,7 @@ from raptorflow.data.v1 import value_pb2, workspace_service_pb2
 
 from bench import database, processes
 from bench.row_security import request_bytes as select_request_bytes
+from harness.pgbouncer import PgBouncerUnavailable, running_pgbouncer, through
 
 _SERVICE = workspace_service_pb2.DESCRIPTOR.services_by_name["WorkspaceService"]
 INSERT = f"/{_SERVICE.full_name}/{_SERVICE.methods_by_name['Insert'].name}"
@@ -87,84 +85,17 @@ def request_bytes(case: str, workspace: str, row_id: int, rows: int) -> tuple[st
 # -- PgBouncer -----------------------------------------------------------------------------
 
 
-def _prepare(server_url: str, pool_size: int) -> tuple[list[str], str, str]:
-    """PgBouncer's command line (dropping root to the postgres user), directory and URL."""
-    executable = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-    if not os.path.exists(executable):
-        raise SystemExit("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
-    parts = urllib.parse.urlsplit(server_url)
-    host, port = parts.hostname or "", parts.port or 5432
-    if not host or host.startswith("/"):
-        raise SystemExit("DATABASE_URL must name a TCP host for PgBouncer to reach")
-    user = parts.username or "postgres"
-    directory = tempfile.mkdtemp(prefix="raptorflow-bench-pgbouncer-")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        listen_port = probe.getsockname()[1]
-    Path(directory, "userlist.txt").write_text(f'"{user}" ""\n')
-    Path(directory, "pgbouncer.ini").write_text(
-        f"[databases]\n* = host={host} port={port}\n\n[pgbouncer]\n"
-        f"listen_addr = 127.0.0.1\nlisten_port = {listen_port}\nunix_socket_dir =\n"
-        f"pidfile = {directory}/pgbouncer.pid\nlogfile = {directory}/pgbouncer.log\n"
-        f"auth_type = trust\nauth_file = {directory}/userlist.txt\n"
-        f"pool_mode = transaction\ndefault_pool_size = {pool_size}\n"
-        "reserve_pool_size = 0\nmax_client_conn = 2000\n"
-        "log_connections = 0\nlog_disconnections = 0\n"
-    )
-    command = [executable, f"{directory}/pgbouncer.ini"]
-    if os.geteuid() == 0:
-        run_as = next((u for u in ("postgres", "pgserver") if _user_exists(u)), None)
-        if run_as is None:
-            raise SystemExit("as root, pgbouncer needs a postgres user to run as")
-        entry = pwd.getpwnam(run_as)
-        for path in (Path(directory), *Path(directory).iterdir()):
-            os.chown(path, entry.pw_uid, entry.pw_gid)
-        # setpriv executes pgbouncer in its own place (uvloop has no user= for subprocesses).
-        command = ["setpriv", f"--reuid={run_as}", f"--regid={run_as}", "--clear-groups", *command]
-    url = urllib.parse.urlunsplit(
-        parts._replace(netloc=f"{user}@127.0.0.1:{listen_port}", query="")
-    )
-    return command, directory, url
-
-
 @contextlib.asynccontextmanager
 async def pgbouncer(server_url: str, pool_size: int) -> AsyncIterator[int]:
     """A PgBouncer in transaction pooling mode in front of `server_url`'s PostgreSQL; its port."""
-    command, directory, probe_url = _prepare(server_url, pool_size)
-    process = await asyncio.create_subprocess_exec(
-        *command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-    )
+    parts = urllib.parse.urlsplit(server_url)
+    if not parts.hostname:
+        raise SystemExit("DATABASE_URL must name a TCP host for PgBouncer to reach")
     try:
-        deadline = time.monotonic() + 20.0
-        while True:
-            try:
-                conn = await asyncpg.connect(probe_url, statement_cache_size=0, timeout=2.0)
-                await conn.close()
-                break
-            except (OSError, asyncpg.PostgresError, TimeoutError):
-                if process.returncode is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"pgbouncer did not start; see {directory}") from None
-                await asyncio.sleep(0.1)
-        yield urllib.parse.urlsplit(probe_url).port or 0
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            await process.wait()
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-def _user_exists(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True
-
-
-def through(url: str, port: int) -> str:
-    parts = urllib.parse.urlsplit(url)
-    netloc = f"{parts.username or 'postgres'}@127.0.0.1:{port}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=""))
+        async with running_pgbouncer(server_url, pool_size=pool_size) as bouncer:
+            yield bouncer.port
+    except PgBouncerUnavailable as unavailable:
+        raise SystemExit(str(unavailable)) from None
 
 
 # -- servers and measurements ------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """A TCP proxy in front of PostgreSQL that, when armed, loses the reply to one COMMIT.
 
-It forwards every byte both ways, like tcp_proxy.TcpProxy. Once `arm()`ed, the
+It forwards every byte both ways, like harness.tcp_proxy.TcpProxy. Once `arm()`ed, the
 next connection that sends the simple-protocol query `COMMIT` (what
 `Database.workspace_connection` sends) gets it delivered to PostgreSQL; the
 proxy then waits for PostgreSQL's answer, drops it and aborts both sides. So the
@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import urllib.parse
 
-from tcp_proxy import Upstream
+from harness.tcp_proxy import Upstream
 
 # A simple Query message: 'Q', its length (4 + the text and its NUL), "COMMIT\0".
 COMMIT_MESSAGE = b"Q\x00\x00\x00\x0bCOMMIT\x00"

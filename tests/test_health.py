@@ -26,8 +26,9 @@ from raptorflow.data.v1 import (
     workspace_service_pb2_grpc,
 )
 from statuses import error_reason
-from tcp_proxy import TcpProxy
 from tokens import authorized_channel
+
+from harness.tcp_proxy import TcpProxy
 
 pb = workspace_service_pb2
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -23,7 +23,8 @@ from raptorflow.data.server.config import Settings
 from raptorflow.data.server.maintenance.job_progress import JobProgress
 from raptorflow.data.server.maintenance.jobs import PROGRESS_INTERVAL_SECONDS, Jobs
 from raptorflow.data.v1 import job_pb2
-from tcp_proxy import TcpProxy
+
+from harness.tcp_proxy import TcpProxy
 
 QUEUED, RUNNING = job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING
 SUCCEEDED, FAILED, CANCELLED = (

@@ -30,8 +30,9 @@ from raptorflow.data.v1 import (
     workspace_service_pb2,
     workspace_service_pb2_grpc,
 )
-from tcp_proxy import TcpProxy
 from tokens import authorized_channel
+
+from harness.tcp_proxy import TcpProxy
 
 pb = monitoring_service_pb2
 ws = workspace_service_pb2

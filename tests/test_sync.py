@@ -30,8 +30,9 @@ from raptorflow.data.v1 import (
     memory_sync_service_pb2_grpc,
 )
 from statuses import error_reason, rpc_error
-from tcp_proxy import TcpProxy
 from tokens import authorized_channel
+
+from harness.tcp_proxy import TcpProxy
 
 pb = memory_sync_service_pb2
 Stub = memory_sync_service_pb2_grpc.MemorySyncServiceStub

@@ -1,10 +1,11 @@
 """A real PgBouncer (Debian's `pgbouncer` package, 1.18) in transaction pooling mode, started
-by a test on loopback with its own configuration, port and directory.
+on loopback with its own configuration, port and directory (tests and `bench.pgbouncer`).
 
 PgBouncer refuses to run as root, so as root it runs as the `postgres` system user,
 or, in front of a PostgreSQL on a Unix socket (the embedded pgserver cluster), as the
-socket's owner, who can reach it. Without the binary the tests that need it skip,
-unless RAPTORFLOW_REQUIRE_PGBOUNCER=1 (CI) makes that a failure.
+socket's owner, who can reach it; `setpriv` drops the privileges, so it works under
+any event loop (uvloop's subprocesses take no `user=`). Where it cannot run (no
+binary, no user to run as), `start()` raises `PgBouncerUnavailable` with the reason.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import tempfile
 import time
 import urllib.parse
@@ -24,11 +26,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
-import pytest
-from server_process import free_port
 
 BINARY = "pgbouncer"
-REQUIRE_ENV = "RAPTORFLOW_REQUIRE_PGBOUNCER"
 RUN_AS = ("postgres", "pgserver")
 # The admin console's own database name.
 ADMIN_DATABASE = "pgbouncer"
@@ -40,11 +39,15 @@ def binary() -> str | None:
     )
 
 
-def unavailable(reason: str) -> None:
-    """Skips the test, or fails it when RAPTORFLOW_REQUIRE_PGBOUNCER says PgBouncer must run."""
-    if os.environ.get(REQUIRE_ENV, "") not in ("", "0"):
-        pytest.fail(f"{REQUIRE_ENV} is set but {reason}")
-    pytest.skip(reason)
+class PgBouncerUnavailable(Exception):
+    """PgBouncer cannot run here; the message says why."""
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def _backend(database_url: str) -> tuple[str, int]:
@@ -114,8 +117,9 @@ log_disconnections = 0
     async def start(self) -> None:
         executable = binary()
         if executable is None:
-            unavailable("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
-            return
+            raise PgBouncerUnavailable(
+                "pgbouncer is not installed (Debian: apt-get install pgbouncer)"
+            )
         host, port = _backend(self.database_url)
         socket_owner = None
         if not host or host.startswith("/"):
@@ -125,28 +129,30 @@ log_disconnections = 0
             try:
                 socket_owner = _socket_owner(f"{host}/.s.PGSQL.{port}")
             except OSError as exc:
-                unavailable(f"cannot reach PostgreSQL's socket in {host}: {exc}")
+                raise PgBouncerUnavailable(
+                    f"cannot reach PostgreSQL's socket in {host}: {exc}"
+                ) from exc
         run_as = None
         if os.geteuid() == 0:
             run_as = socket_owner or next((u for u in RUN_AS if _exists(u)), None)
             if run_as is None or run_as == "root":
-                unavailable("running as root and no postgres user exists to run pgbouncer as")
+                raise PgBouncerUnavailable(
+                    "running as root and no postgres user exists to run pgbouncer as"
+                )
         config = self._write_files(host, port, run_as)
+        command = [executable, str(config)]
+        if run_as is not None:
+            drop = ["setpriv", f"--reuid={run_as}", f"--regid={run_as}", "--clear-groups"]
+            command = [*drop, *command]
         self._process = await asyncio.create_subprocess_exec(
-            executable,
-            str(config),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            user=run_as,
-            group=run_as,
-            extra_groups=[] if run_as is not None else None,
+            *command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
         )
         await self._wait_until_accepting()
 
     def _write_files(self, host: str, port: int, run_as: str | None) -> Path:
         """The directory, the configuration and the auth file, owned by PgBouncer's user."""
         self.directory = tempfile.mkdtemp(prefix="raptorflow-pgbouncer-")
-        self.port = free_port()
+        self.port = _free_port()
         config = Path(self.directory, "pgbouncer.ini")
         config.write_text(self.config(host, port))
         if run_as is not None:
@@ -159,11 +165,14 @@ log_disconnections = 0
         started = time.monotonic()
         while True:
             if self._process is not None and self._process.returncode is not None:
-                raise AssertionError(f"pgbouncer exited at start-up: {self.log()}")
+                raise RuntimeError(f"pgbouncer exited at start-up: {self.log()}")
             try:
                 conn = await asyncpg.connect(self.url, statement_cache_size=0, timeout=2.0)
             except (OSError, asyncpg.PostgresError, TimeoutError):
-                assert time.monotonic() - started < within, f"pgbouncer never ran: {self.log()}"
+                if time.monotonic() - started >= within:
+                    raise RuntimeError(
+                        f"pgbouncer never accepted connections: {self.log()}"
+                    ) from None
                 await asyncio.sleep(0.1)
                 continue
             await conn.close()
