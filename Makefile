@@ -38,7 +38,7 @@ else
 with_database =
 endif
 
-.PHONY: help venv proto proto-check lint run test bench bench-check docker check clean distclean
+.PHONY: help venv proto proto-check lint run test bench bench-check soak docker check clean distclean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -99,6 +99,10 @@ bench: $(VENV_STAMP) ## Run the benchmark suite (python -m bench.suite); argumen
 
 bench-check: $(VENV_STAMP) ## Short benchmark run; fail if a ratio fell below bench/results/baseline.json by more than its noise band
 	$(call with_database,raptorflow_bench) $(PY) -m bench.check $(BENCH_ARGS)
+
+# Not part of `check` or CI's default run: ten minutes of load with faults injected.
+soak: $(VENV_STAMP) ## Soak two replicas under load with faults (python -m bench.soak, 10 min); arguments in SOAK_ARGS
+	$(call with_database,raptorflow_soak) $(PY) -m bench.soak $(SOAK_ARGS)
 
 docker: ## Build the container image $(IMAGE)
 	docker build --tag $(IMAGE) .
