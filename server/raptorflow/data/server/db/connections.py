@@ -618,8 +618,11 @@ class Database:
         try:
             # A lost or reclaimed connection has left the pool already (asyncpg then
             # refuses every call on its proxy): there is nothing to roll back.
-            if not connection.is_closed() and connection.is_in_transaction():
+            if not connection.is_closed():
                 # asyncpg first waits for the cancellation of a statement cut short.
+                # Sent even when asyncpg thinks no transaction is open: a BEGIN cut
+                # short may yet have opened one (asyncpg learns it only once the
+                # cancellation is through); ROLLBACK outside one is a no-op.
                 await connection.execute("ROLLBACK", timeout=self._settings.statement_timeout)
         except Exception as exc:
             # Never hand on a connection whose transaction may still be open.
