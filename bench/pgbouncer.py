@@ -108,29 +108,16 @@ class Server:
     channel: grpc.aio.Channel
 
 
-async def start_server(label: str, flags: Sequence[str], log_dir: Path) -> Server:
-    address = f"127.0.0.1:{processes.free_port()}"
-    command = [
-        sys.executable,
-        "-m",
-        "raptorflow.data.server",
-        "serve",
-        "--listen",
-        address,
-        "--pool-max-size",
-        str(QUERY_POOL),
-        "--jwt-secret",
-        processes.BENCH_JWT_SECRET.decode(),
-        *flags,
-    ]
-    log = log_dir / f"{label}.log"
-    with log.open("wb") as stderr:
-        process = await asyncio.create_subprocess_exec(
-            *command, stderr=stderr, stdout=asyncio.subprocess.DEVNULL
-        )
-    server = processes.ServerProcess(label, process, log, address=address, command=command)
-    await processes.wait_serving(server, processes.WORKSPACE_SERVICE)
-    return Server(label, server, grpc.aio.insecure_channel(address))
+async def start_server(
+    label: str, database_url: str, flags: Sequence[str], log_dir: Path
+) -> Server:
+    process = await processes.start_data_server(
+        database_url,
+        log_dir,
+        name=label,
+        extra_args=["--pool-max-size", str(QUERY_POOL), *flags],
+    )
+    return Server(label, process, grpc.aio.insecure_channel(process.address))
 
 
 @dataclass
@@ -319,20 +306,16 @@ async def run(args: argparse.Namespace, server_url: str) -> int:
                 print(await sql_figures(db, through(db.url, port), ids, args.duration / 2))
                 failed = False
                 return 0
-            flags = {
-                "direct": ["--database-url", db.url],
-                "direct-mode": [
-                    "--database-url", db.url, "--pgbouncer", "true",
-                    "--direct-database-url", db.url,
-                ],
-                "pgbouncer": [
-                    "--database-url", through(db.url, port), "--pgbouncer", "true",
-                    "--direct-database-url", db.url,
-                ],
-            }  # fmt: skip
+            query_urls = {
+                "direct": db.url,
+                "direct-mode": db.url,
+                "pgbouncer": through(db.url, port),
+            }
+            mode = ["--pgbouncer", "true", "--direct-database-url", db.url]
+            flags = {"direct": [], "direct-mode": mode, "pgbouncer": mode}
             servers: dict[str, Server] = {}
             for label in SERVERS:
-                server = await start_server(label, flags[label], log_dir)
+                server = await start_server(label, query_urls[label], flags[label], log_dir)
                 exits.push_async_callback(server.process.stop)
                 exits.push_async_callback(server.channel.close, None)
                 servers[label] = server

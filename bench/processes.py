@@ -177,11 +177,16 @@ async def _spawn(name: str, command: list[str], log_dir: Path, **kwargs: Any) ->
 
 
 async def start_data_server(
-    database_url: str, log_dir: Path, *, extra_args: Sequence[str] = ()
+    database_url: str,
+    log_dir: Path,
+    *,
+    extra_args: Sequence[str] = (),
+    name: str = "data-server",
 ) -> ServerProcess:
     """`raptorflow-data serve` (uvloop, as the CLI runs) on a free port; waits for SERVING.
 
-    `extra_args` are more `serve` flags (`--max-streams-per-caller 1000`).
+    `extra_args` are more `serve` flags (`--max-streams-per-caller 1000`); `name`
+    names the process and its log file in `log_dir`.
     """
     address = f"127.0.0.1:{free_port()}"
     command = [
@@ -197,7 +202,7 @@ async def start_data_server(
         BENCH_JWT_SECRET.decode(),
         *extra_args,
     ]
-    server = await _spawn("data-server", command, log_dir, stdout=asyncio.subprocess.DEVNULL)
+    server = await _spawn(name, command, log_dir, stdout=asyncio.subprocess.DEVNULL)
     server.address = address
     await wait_serving(server, WORKSPACE_SERVICE)
     return server
