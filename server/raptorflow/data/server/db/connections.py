@@ -130,15 +130,14 @@ def pooled_session_settings(settings: Settings) -> str:
     LOCAL statements, for `begin_script`'s prelude): its role and statement_timeout."""
     if not settings.pgbouncer:
         return ""
+    # Imported here: the catalog module imports this one.
+    from raptorflow.data.server.db.catalog import quote_ident
+
     parts = []
     if settings.query_role:
-        parts.append(f"SET LOCAL ROLE {_quote_ident(settings.query_role)}")
+        parts.append(f"SET LOCAL ROLE {quote_ident(settings.query_role)}")
     parts.append(f"SET LOCAL statement_timeout = {int(settings.statement_timeout * 1000)}")
     return "; ".join(parts)
-
-
-def _quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def owner_pool_max_size(settings: Settings) -> int:
