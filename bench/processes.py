@@ -176,6 +176,23 @@ async def _spawn(name: str, command: list[str], log_dir: Path, **kwargs: Any) ->
     return ServerProcess(name, process, log, command=command)
 
 
+def serve_command(address: str, database_url: str, extra_args: Sequence[str] = ()) -> list[str]:
+    """The command line of `raptorflow-data serve` on `address`, verifying the bench's tokens."""
+    return [
+        sys.executable,
+        "-m",
+        "raptorflow.data.server",
+        "serve",
+        "--listen",
+        address,
+        "--database-url",
+        database_url,
+        "--jwt-secret",
+        BENCH_JWT_SECRET.decode(),
+        *extra_args,
+    ]
+
+
 async def start_data_server(
     database_url: str,
     log_dir: Path,
@@ -189,19 +206,7 @@ async def start_data_server(
     names the process and its log file in `log_dir`.
     """
     address = f"127.0.0.1:{free_port()}"
-    command = [
-        sys.executable,
-        "-m",
-        "raptorflow.data.server",
-        "serve",
-        "--listen",
-        address,
-        "--database-url",
-        database_url,
-        "--jwt-secret",
-        BENCH_JWT_SECRET.decode(),
-        *extra_args,
-    ]
+    command = serve_command(address, database_url, extra_args)
     server = await _spawn(name, command, log_dir, stdout=asyncio.subprocess.DEVNULL)
     server.address = address
     await wait_serving(server, WORKSPACE_SERVICE)

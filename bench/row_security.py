@@ -111,29 +111,13 @@ async def start_server(
     label: str, db: database.BenchDatabase, row_security: bool, log_dir: Path
 ) -> Server:
     """`raptorflow-data serve` on a free port, authentication on as deployed."""
-    address = f"127.0.0.1:{processes.free_port()}"
-    command = [
-        sys.executable,
-        "-m",
-        "raptorflow.data.server",
-        "serve",
-        "--listen",
-        address,
-        "--database-url",
+    server = await processes.start_data_server(
         db.url,
-        "--row-security",
-        "true" if row_security else "false",
-        "--jwt-secret",
-        processes.BENCH_JWT_SECRET.decode(),
-    ]
-    log = log_dir / f"{label}.log"
-    with log.open("wb") as stderr:
-        process = await asyncio.create_subprocess_exec(
-            *command, stderr=stderr, stdout=asyncio.subprocess.DEVNULL
-        )
-    server = processes.ServerProcess(label, process, log, address=address, command=command)
-    await processes.wait_serving(server, processes.WORKSPACE_SERVICE)
-    return Server(label, db, server, grpc.aio.insecure_channel(address))
+        log_dir,
+        name=label,
+        extra_args=["--row-security", "true" if row_security else "false"],
+    )
+    return Server(label, db, server, grpc.aio.insecure_channel(server.address))
 
 
 @dataclass

@@ -191,31 +191,25 @@ class Replica:
         return self.instances[-1]
 
     async def start(self) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "raptorflow.data.server",
-            "serve",
-            "--listen",
+        command = processes.serve_command(
             self.address,
-            "--database-url",
             self.database_url,
-            "--jwt-secret",
-            processes.BENCH_JWT_SECRET.decode(),
-            "--token-key",
-            self.token_key,
-            "--metrics-listen",
-            f"127.0.0.1:{self.metrics_port}",
-            "--health-interval",
-            "1.0",
-            "--shutdown-drain-seconds",
-            str(DRAIN_SECONDS),
-            "--shutdown-grace-seconds",
-            str(GRACE_SECONDS),
-            "--max-streams-per-caller",
-            "1000",
-            *self.extra,
-        ]
+            [
+                "--token-key",
+                self.token_key,
+                "--metrics-listen",
+                f"127.0.0.1:{self.metrics_port}",
+                "--health-interval",
+                "1.0",
+                "--shutdown-drain-seconds",
+                str(DRAIN_SECONDS),
+                "--shutdown-grace-seconds",
+                str(GRACE_SECONDS),
+                "--max-streams-per-caller",
+                "1000",
+                *self.extra,
+            ],
+        )
         environment = {
             k: v
             for k, v in os.environ.items()
