@@ -52,6 +52,7 @@ from raptorflow.data.server.db.connections import begin_script
 from raptorflow.data.v1 import value_pb2, workspace_service_pb2
 
 from bench import database, processes
+from bench.per_call import Call, Variant, per_call_table, time_variants
 from bench.row_security import request_bytes as select_request_bytes
 from harness.pgbouncer import PgBouncerUnavailable, running_pgbouncer, through
 
@@ -237,37 +238,36 @@ async def sql_figures(
     normal = await asyncpg.connect(db.url, server_settings={"role": "raptorflow_app"})
     mode = await asyncpg.connect(db.url, statement_cache_size=0)
     pooled = await asyncpg.connect(bouncer_url, statement_cache_size=0)
+
+    def transaction(conn: asyncpg.Connection, script: str) -> Variant:
+        @contextlib.asynccontextmanager
+        async def opened() -> AsyncIterator[Call]:
+            async def call(i: int) -> None:
+                await conn.execute(script)
+                await conn.fetch(statement, workspace, i)
+                await conn.execute("COMMIT")
+
+            yield call
+
+        return opened
+
     variants = {
-        "normal mode, direct": (normal, normal_script),
-        "  + SET LOCAL role, statement_timeout": (normal, mode_script),
-        "  + statement cache off": (mode, normal_script),
-        "PgBouncer mode, direct": (mode, mode_script),
-        "PgBouncer mode, through PgBouncer": (pooled, mode_script),
+        "normal mode, direct": transaction(normal, normal_script),
+        "  + SET LOCAL role, statement_timeout": transaction(normal, mode_script),
+        "  + statement cache off": transaction(mode, normal_script),
+        "PgBouncer mode, direct": transaction(mode, mode_script),
+        "PgBouncer mode, through PgBouncer": transaction(pooled, mode_script),
     }
-    results: dict[str, list[float]] = {name: [] for name in variants}
     try:
-        for round_ in range(6):
-            names = list(variants)
-            if round_ % 2:
-                names.reverse()
-            for name in names:
-                conn, script = variants[name]
-                count, started = 0, time.perf_counter()
-                while time.perf_counter() - started < seconds:
-                    await conn.execute(script)
-                    await conn.fetch(statement, workspace, ids[count % len(ids)])
-                    await conn.execute("COMMIT")
-                    count += 1
-                results[name].append((time.perf_counter() - started) / count * 1e6)
+        medians = await time_variants(variants, ids, seconds)
     finally:
         for conn in (normal, mode, pooled):
             await conn.close()
-    base = statistics.median(results["normal mode, direct"])
-    lines = ["point select alone, one connection, no gRPC (median us per call):"]
-    for name, values in results.items():
-        median = statistics.median(values)
-        lines.append(f"  {name:<36} {median:7.1f} us  x{median / base:.2f}")
-    return "\n".join(lines)
+    return per_call_table(
+        "point select alone, one connection, no gRPC (median us per call):",
+        medians,
+        "normal mode, direct",
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ from raptorflow.data.server.db.connections import begin_script
 from raptorflow.data.v1 import query_pb2, value_pb2, workspace_service_pb2
 
 from bench import database, processes
+from bench.per_call import Call, Variant, per_call_table, time_variants
 
 _SERVICE = workspace_service_pb2.DESCRIPTOR.services_by_name["WorkspaceService"]
 SELECT = f"/{_SERVICE.full_name}/{_SERVICE.methods_by_name['Select'].name}"
@@ -253,46 +254,54 @@ async def sql_figures(on: database.BenchDatabase, ids: Sequence[int], seconds: f
     workspace = uuid.UUID(on.workspace_id)
     script = begin_script(workspace)
 
-    async def autocommit(statement: str, i: int) -> None:
-        await conn.fetch(statement, workspace, i)
+    def autocommit(statement: str) -> Variant:
+        @contextlib.asynccontextmanager
+        async def opened() -> AsyncIterator[Call]:
+            async def call(i: int) -> None:
+                await conn.fetch(statement, workspace, i)
 
-    async def scoped(statement: str, i: int) -> None:
-        await conn.execute(script)
-        await conn.fetch(statement, workspace, i)
-        await conn.execute("COMMIT")
+            yield call
 
-    variants: dict[str, tuple[Callable[[str, int], Awaitable[None]], str, bool]] = {
-        "no policies, autocommit (off)": (autocommit, plain, False),
-        "policies, scoped transaction (on)": (scoped, protected, False),
-        "no policies, scoped transaction": (scoped, plain, False),
-        "policies, in one open transaction": (autocommit, protected, True),
-        "no policies, in one open transaction": (autocommit, plain, True),
+        return opened
+
+    def scoped(statement: str) -> Variant:
+        @contextlib.asynccontextmanager
+        async def opened() -> AsyncIterator[Call]:
+            async def call(i: int) -> None:
+                await conn.execute(script)
+                await conn.fetch(statement, workspace, i)
+                await conn.execute("COMMIT")
+
+            yield call
+
+        return opened
+
+    def in_one_transaction(statement: str) -> Variant:
+        @contextlib.asynccontextmanager
+        async def opened() -> AsyncIterator[Call]:
+            await conn.execute(script)
+            async with autocommit(statement)() as call:
+                yield call
+            await conn.execute("COMMIT")
+
+        return opened
+
+    variants = {
+        "no policies, autocommit (off)": autocommit(plain),
+        "policies, scoped transaction (on)": scoped(protected),
+        "no policies, scoped transaction": scoped(plain),
+        "policies, in one open transaction": in_one_transaction(protected),
+        "no policies, in one open transaction": in_one_transaction(plain),
     }
-    results: dict[str, list[float]] = {name: [] for name in variants}
     try:
-        for round_ in range(6):
-            names = list(variants)
-            if round_ % 2:
-                names.reverse()
-            for name in names:
-                run, statement, inside = variants[name]
-                if inside:
-                    await conn.execute(script)
-                count, started = 0, time.perf_counter()
-                while time.perf_counter() - started < seconds:
-                    await run(statement, ids[count % len(ids)])
-                    count += 1
-                results[name].append((time.perf_counter() - started) / count * 1e6)
-                if inside:
-                    await conn.execute("COMMIT")
+        medians = await time_variants(variants, ids, seconds)
     finally:
         await conn.close()
-    base = statistics.median(results["no policies, autocommit (off)"])
-    lines = ["point select alone, one app-role connection, no gRPC (median us per call):"]
-    for name, values in results.items():
-        median = statistics.median(values)
-        lines.append(f"  {name:<38} {median:7.1f} us  x{median / base:.2f}")
-    return "\n".join(lines)
+    return per_call_table(
+        "point select alone, one app-role connection, no gRPC (median us per call):",
+        medians,
+        "no policies, autocommit (off)",
+    )
 
 
 # -- the run ---------------------------------------------------------------------------
