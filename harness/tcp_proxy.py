@@ -12,9 +12,15 @@ import asyncio
 import contextlib
 import os
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Self
 
 _CHUNK = 64 * 1024
+
+Filter = Callable[[bytes], bool]
+"""Looks at a chunk on its way through a link: True forwards it, False drops it and ends the
+link (both sides aborted)."""
 
 
 @dataclass(frozen=True)
@@ -116,12 +122,18 @@ class TcpProxy:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def __aenter__(self) -> TcpProxy:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+    def _link_filters(self) -> tuple[Filter, Filter]:
+        """For each new link: what looks at every chunk towards the upstream, and every chunk
+        towards the client, before it is forwarded. Forwarding everything here; a subclass
+        that injects a fault returns False to drop a chunk and end the link."""
+        return _forward_all, _forward_all
 
     async def _listen(self, port: int) -> None:
         self._listener = await asyncio.start_server(self._accept, "127.0.0.1", port)
@@ -160,9 +172,10 @@ class TcpProxy:
             return
         link = (client, upstream)
         self._links.add(link)
+        to_upstream, to_client = self._link_filters()
         pipes = {
-            asyncio.ensure_future(_pipe(client_reader, upstream)),
-            asyncio.ensure_future(_pipe(upstream_reader, client)),
+            asyncio.ensure_future(_pipe(client_reader, upstream, to_upstream)),
+            asyncio.ensure_future(_pipe(upstream_reader, client, to_client)),
         }
         try:
             # Either side closing ends the link: PostgreSQL has no use for half-closed sockets.
@@ -176,8 +189,16 @@ class TcpProxy:
             await asyncio.gather(*pipes, return_exceptions=True)
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+def _forward_all(data: bytes) -> bool:
+    return True
+
+
+async def _pipe(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, forward: Filter
+) -> None:
     with contextlib.suppress(OSError):
         while data := await reader.read(_CHUNK):
+            if not forward(data):
+                return
             writer.write(data)
             await writer.drain()
