@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Awaitable
 
@@ -91,3 +92,14 @@ def error_reason(error: grpc.aio.AioRpcError) -> str:
             if detail.Unpack(info):
                 return info.reason
     return ""
+
+
+async def how_it_ended(call: Awaitable[object]) -> str:
+    """ "OK", "CANCELLED" (cancelled by the client) or the status code's name of a call."""
+    try:
+        await call
+    except asyncio.CancelledError:
+        return "CANCELLED"
+    except grpc.aio.AioRpcError as error:
+        return error.code().name
+    return "OK"

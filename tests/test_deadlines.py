@@ -27,7 +27,7 @@ from raptorflow.data.v1 import (
     workspace_service_pb2,
     workspace_service_pb2_grpc,
 )
-from statuses import error_reason
+from statuses import error_reason, how_it_ended
 from tokens import authorized_channel
 
 pb = workspace_service_pb2
@@ -143,13 +143,7 @@ async def test_many_calls_cancelled_or_timed_out_at_random_leak_nothing(
             if cancel_after is not None:
                 await asyncio.sleep(cancel_after)
                 call.cancel()
-            try:
-                await call
-                outcomes[f"{kind} OK"] += 1
-            except asyncio.CancelledError:
-                outcomes[f"{kind} CANCELLED"] += 1
-            except grpc.aio.AioRpcError as error:
-                outcomes[f"{kind} {error.code().name}"] += 1
+            outcomes[f"{kind} {await how_it_ended(call)}"] += 1
 
     async with db.transaction():
         await lock_row(db, row_id)

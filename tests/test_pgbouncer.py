@@ -40,6 +40,7 @@ from raptorflow.data.v1 import (
     workspace_service_pb2_grpc,
 )
 from server_process import QUICK_RECONNECT, free_port, spawn_serve, wait_until_serving
+from statuses import how_it_ended
 from test_sync import Replica, at_least, follow_until
 from test_sync import request as sync_request
 from tokens import authorized_channel
@@ -485,13 +486,7 @@ async def test_random_cancels_leave_nothing_running(
             if rng.random() < 0.5:
                 await asyncio.sleep(rng.uniform(0, timeout))
                 call.cancel()
-            try:
-                await call
-                outcomes[f"{kind} OK"] += 1
-            except asyncio.CancelledError:
-                outcomes[f"{kind} CANCELLED"] += 1
-            except grpc.aio.AioRpcError as exc:
-                outcomes[f"{kind} {exc.code().name}"] += 1
+            outcomes[f"{kind} {await how_it_ended(call)}"] += 1
 
     async with db.transaction():
         await lock_row(db, row_id)  # updates wait in PostgreSQL until cancelled
