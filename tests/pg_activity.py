@@ -12,8 +12,11 @@ import asyncpg
 # Inside a transaction PostgreSQL keeps serving one snapshot of pg_stat_activity
 # (all but the wait event columns); a lock-holding connection must drop it.
 CLEAR_SNAPSHOT = "SELECT pg_stat_clear_snapshot()"
+# Every connection of the service to the test database, whatever its pool.
 SERVICE_BACKENDS = """
-SELECT pid, state, wait_event_type, left(query, 120) AS query FROM pg_stat_activity
+SELECT pid, client_port, state, wait_event_type, backend_type,
+       xact_start IS NOT NULL AS in_transaction, left(query, 120) AS query
+FROM pg_stat_activity
 WHERE datname = current_database() AND application_name = 'raptorflow-data'
 """
 

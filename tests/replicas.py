@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
-from pg_activity import CLEAR_SNAPSHOT
+from pg_activity import service_backends
 from server_process import COMMAND, command_environment, wait_until_serving
 from tokens import TEST_JWT_SECRET
 
@@ -86,18 +86,6 @@ class Replica:
     async def backends(self, db: asyncpg.Connection) -> set[int]:
         """The backend pids of this process's own connections to the test database."""
         return backends_of(self.pid, await service_backends(db))
-
-
-SERVICE_BACKENDS = """
-SELECT pid, client_port, state, left(query, 120) AS query FROM pg_stat_activity
-WHERE datname = current_database() AND application_name = 'raptorflow-data'
-"""
-
-
-async def service_backends(db: asyncpg.Connection) -> dict[int, asyncpg.Record]:
-    """Every service connection to the test database now, with its client port, by pid."""
-    await db.execute(CLEAR_SNAPSHOT)
-    return {r["pid"]: r for r in await db.fetch(SERVICE_BACKENDS)}
 
 
 async def start_replica(database_url: str, *flags: str, within: float = 30.0) -> Replica:

@@ -28,7 +28,12 @@ from embedded_cluster import EmbeddedCluster, running_cluster
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lost_commit_proxy import LostCommitProxy
 from messages import update_request
-from pg_activity import CLEAR_SNAPSHOT, insert_row, lock_row, wait_for_lock_waits
+from pg_activity import (
+    insert_row,
+    lock_row,
+    service_backends,
+    wait_for_lock_waits,
+)
 from raptorflow.data.client import ClientConfig, CommitOutcomeUnknown, DataClient, DataError
 from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
@@ -67,22 +72,8 @@ SETTLE_WITHIN = 10.0
 # How long the restarted PostgreSQL stays down, at least.
 OUTAGE_SECONDS = 2.0
 
-# Every connection of the service to the database, whatever its pool.
-SERVICE_BACKENDS = """
-SELECT pid, state, backend_type, xact_start IS NOT NULL AS in_transaction,
-       left(query, 120) AS query
-FROM pg_stat_activity
-WHERE datname = current_database() AND application_name = 'raptorflow-data'
-"""
-
-
 # ---------------------------------------------------------------------------
 # What every test checks at its end
-
-
-async def service_backends(db: asyncpg.Connection) -> list[asyncpg.Record]:
-    await db.execute(CLEAR_SNAPSHOT)
-    return list(await db.fetch(SERVICE_BACKENDS))
 
 
 def busy(backend: asyncpg.Record) -> bool:
@@ -122,7 +113,7 @@ async def assert_settled(
     most = servers * (settings.pool_max_size + 2 + settings.max_running_jobs + 3 + 1 + 2)
     started = time.monotonic()
     while True:
-        backends = await service_backends(db)
+        backends = list((await service_backends(db)).values())
         working = [dict(b) for b in backends if busy(b)]
         stats = server.database.pool_stats()
         if not working and stats["in_use"] == 0 and len(backends) <= most:
@@ -443,12 +434,13 @@ async def wait_for_backend(
     """The pid of the one service backend `matches` picks, once there is one."""
     started = time.monotonic()
     while True:
-        found = [b["pid"] for b in await service_backends(db) if matches(b)]
+        backends = await service_backends(db)
+        found = [pid for pid, b in backends.items() if matches(b)]
         if found:
             assert len(found) == 1, f"more than one {what}: {found}"
             return int(found[0])
         assert time.monotonic() - started < NOTICE_WITHIN, (
-            f"no {what} within {NOTICE_WITHIN} s: {[dict(b) for b in await service_backends(db)]}"
+            f"no {what} within {NOTICE_WITHIN} s: {[dict(b) for b in backends.values()]}"
         )
         await asyncio.sleep(0.02)
 
@@ -595,7 +587,7 @@ async def test_killing_every_connection_of_the_server_while_streams_follow(
 
             watching = asyncio.ensure_future(watch_readiness())
             # This server's and the module's: every connection of the service dies.
-            killed = await service_backends(db)
+            killed = list((await service_backends(db)).values())
             listens = [b for b in killed if b["query"].startswith("LISTEN")]
             assert len(listens) >= 2, killed  # changes and jobs
             for backend in killed:
