@@ -57,14 +57,11 @@ from typing import Any
 
 import asyncpg
 from raptorflow.data.client import ClientConfig, DataClient
-from raptorflow.data.server.app import run_migrations
 from raptorflow.data.server.config import Settings
 from raptorflow.data.server.db.connections import (
     JOB_POOL_MAX_SIZE,
-    Database,
     owner_pool_max_size,
 )
-from raptorflow.data.server.sync import capture
 
 from bench import database, processes, report
 from bench.soak_faults import (
@@ -90,24 +87,13 @@ from bench.soak_load import (
     new_workspaces,
     percentile,
 )
+from bench.sync import install
 
 FAILING_STATUSES = {"UNKNOWN", "INTERNAL"}
 BEYOND_POOL_BOUND = owner_pool_max_size(Settings()) + JOB_POOL_MAX_SIZE + 2
 """The most connections a replica opens besides its query pool: the owner pool, the job
 pool, the LISTEN connection and the health session."""
 OUTPUT = report.RESULTS / "soak.json"
-
-
-async def install(url: str) -> None:
-    """Migrations and change capture on `soak_items`, as `migrate --sync-tables` does."""
-    settings = Settings(database_url=url, app_role="")
-    db = Database(settings)
-    try:
-        await db.open_owner()
-        await run_migrations(settings, db)
-        await capture.install(db, settings, TABLE)
-    finally:
-        await db.close()
 
 
 def overlaps(call: Call, windows: Sequence[tuple[float, float]]) -> bool:
@@ -308,7 +294,7 @@ async def run(args: argparse.Namespace) -> int:
         await setup.execute(SCHEMA_SQL)
     finally:
         await setup.close()
-    await install(bench_db.url)
+    await install(bench_db.url, TABLE)
     postgres_version = ""
     proxy = await ProxyProcess.start(bench_db.url, args.replicas, log_dir / "proxy.log")
     token_key = "base64:" + base64.b64encode(secrets.token_bytes(32)).decode()

@@ -64,13 +64,14 @@ pb = memory_sync_service_pb2
 BATCH = 1000
 
 
-async def install(url: str) -> None:
+async def install(url: str, table: str = database.TABLE) -> None:
+    """Migrations and change capture on `table`, as `migrate --sync-tables` does."""
     settings = Settings(database_url=url, app_role="")
     db = Database(settings)
     try:
         await db.open_owner()
         await run_migrations(settings, db)
-        await capture.install(db, settings, database.TABLE)
+        await capture.install(db, settings, table)
     finally:
         await db.close()
 
