@@ -4,10 +4,13 @@ flags for settings, on a free port, and waited for until its readiness is SERVIN
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import socket
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -22,6 +25,7 @@ QUICK_RECONNECT = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 200),
 ]
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -80,6 +84,25 @@ async def wait_until_serving(
             except grpc.aio.AioRpcError:
                 pass
             await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    database_url: str, *flags: str
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """A `serve` subprocess on a free port with `flags`, SERVING: the process and its address.
+    Killed at the end if still running; its stderr goes to the test's log."""
+    address = f"127.0.0.1:{free_port()}"
+    process = await spawn_serve(address, database_url, *flags, stdout=asyncio.subprocess.DEVNULL)
+    try:
+        await wait_until_serving(process, address)
+        yield process, address
+    finally:
+        if process.returncode is None:
+            process.kill()
+        _, stderr = await process.communicate()
+        if stderr:
+            log.info("serve stderr:\n%s", stderr.decode(errors="replace"))
 
 
 @dataclass(frozen=True)

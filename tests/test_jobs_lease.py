@@ -22,7 +22,7 @@ from pg_activity import wait_for_lock_waits
 from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
 from raptorflow.data.v1 import job_pb2, maintenance_service_pb2, maintenance_service_pb2_grpc
-from server_process import free_port, spawn_serve, wait_until_serving
+from server_process import serving
 from tokens import authorized_channel
 
 pb = maintenance_service_pb2
@@ -40,27 +40,9 @@ async def serve_process(
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     """A `serve` subprocess with a short job lease, SERVING; killed at the end if still alive."""
     await create_lock_table(db, LEASE_TABLE)
-    address = f"127.0.0.1:{free_port()}"
-    process = await spawn_serve(
-        address,
-        database_url,
-        "--job-lease-seconds",
-        str(LEASE_SECONDS),
-        "--health-interval",
-        "0.2",
-        "--log-level",
-        "WARNING",
-        stdout=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        await wait_until_serving(process, address)
-        yield process, address
-    finally:
-        if process.returncode is None:
-            process.kill()
-        _, stderr = await process.communicate()
-        if stderr:
-            log.info("serve stderr:\n%s", stderr.decode(errors="replace"))
+    flags = ("--job-lease-seconds", str(LEASE_SECONDS), "--health-interval", "0.2")
+    async with serving(database_url, *flags, "--log-level", "WARNING") as served:
+        yield served
 
 
 @pytest.fixture
