@@ -16,6 +16,7 @@ import gc
 import hashlib
 import os
 import re
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -26,12 +27,13 @@ import grpc
 import pytest
 from conftest import ODD_TABLE, start_server
 from job_helpers import RecordingProgress, watch_to_end
-from pg_activity import service_backends
+from pg_activity import assert_no_new_backends, service_backends
 from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
 from raptorflow.data.server.errors import ServiceError
 from raptorflow.data.server.maintenance import backup_file
 from raptorflow.data.v1 import job_pb2, maintenance_service_pb2, maintenance_service_pb2_grpc
+from server_process import serving
 from statuses import rpc_error
 from tokens import authorized_channel
 
@@ -616,6 +618,49 @@ async def test_a_restore_cancelled_half_way_leaves_nothing(
     await no_open_transactions(db)
     assert await rows_as_text(db, restored.first) == {ITEMS: [], NOTES: []}
     # Nothing leaked: a whole restore still runs.
+    response = await restore(maintenance, messages)
+    assert response.tables[0].row_count == ITEMS_PER_WORKSPACE
+    assert await rows_as_text(db, restored.first) == restored.first_rows
+
+
+async def test_a_restore_whose_server_is_killed_half_way_leaves_nothing(
+    maintenance: Stub, restored: Workspaces, db: asyncpg.Connection, database_url: str
+) -> None:
+    """SIGKILL: no shutdown code runs, so only PostgreSQL's own rollback of a transaction
+    whose client vanished stands between a half-loaded COPY and the table."""
+    messages = await export(maintenance, scope(restored.first), chunk_bytes=4096)
+    await delete_workspace(db, restored.first)
+    requests = requests_of(messages)
+    sent = asyncio.Event()
+
+    async def stream() -> AsyncIterator[pb.RestoreBackupRequest]:
+        for request in requests[: len(requests) // 2]:
+            yield request
+        sent.set()
+        await asyncio.sleep(60)  # never finishes: the server dies meanwhile
+
+    before = set(await service_backends(db))
+    async with (
+        serving(database_url, "--log-level", "WARNING") as (process, address),
+        authorized_channel(address) as channel,
+    ):
+        call = Stub(channel).RestoreBackup(stream(), timeout=30)
+        await sent.wait()
+        started = time.monotonic()
+        while not any(
+            r["query"].startswith("COPY") and r["state"] == "active"
+            for pid, r in (await service_backends(db)).items()
+            if pid not in before
+        ):
+            assert time.monotonic() - started < 15, "the restore's COPY never started"
+            await asyncio.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await call
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    await assert_no_new_backends(db, before)
+    assert await rows_as_text(db, restored.first) == {ITEMS: [], NOTES: []}
     response = await restore(maintenance, messages)
     assert response.tables[0].row_count == ITEMS_PER_WORKSPACE
     assert await rows_as_text(db, restored.first) == restored.first_rows
