@@ -226,6 +226,33 @@ async def test_slow_statement_is_listed_by_its_shape_without_its_values(
     assert all(len(q.statement) <= 1000 for q in got.slow_queries)
 
 
+async def test_a_slow_begin_script_is_listed_without_its_workspace_id(
+    monitor: Monitor, running: RunningServer, workspace: str
+) -> None:
+    # A workspace transaction's BEGIN script carries the workspace id in its text (a
+    # simple-protocol script binds no parameter). When the BEGIN itself is slow (PgBouncer
+    # queueing it, a stalled network), the list must show its shape, never which tenant.
+    seconds = 0.3
+    marker = f"/test.Monitoring/SlowBegin/{uuid.uuid4().hex}"
+
+    async def slow_begin() -> None:
+        current_caller.set(marker)
+        async with running.database.workspace_connection(
+            Deadline(None), uuid.UUID(workspace), prelude=f"SELECT pg_sleep({seconds})"
+        ):
+            pass
+
+    await asyncio.create_task(slow_begin())
+    got = await eventually(
+        monitor, lambda s: any(q.method == marker for q in s.slow_queries), "listed as slow"
+    )
+    (begin,) = [q for q in got.slow_queries if q.method == marker]
+    assert begin.statement == (
+        "BEGIN; SET LOCAL raptorflow.workspace_id = $workspace; SELECT pg_sleep(0.3)"
+    )
+    assert all(workspace not in q.statement for q in got.slow_queries)
+
+
 async def test_slow_statement_of_an_rpc_names_its_method(
     monitor: Monitor, workspaces: Workspaces, db: asyncpg.Connection, workspace: str
 ) -> None:

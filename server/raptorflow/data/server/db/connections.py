@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -88,6 +89,12 @@ ALL_WORKSPACES_SETTING = "raptorflow.all_workspaces"
 """'on' for the whole session of every owner-pool connection: the owner's own policy lets
 maintenance (backups, retention, pruning) reach every workspace's rows only where it is on."""
 
+WORKSPACE_PLACEHOLDER = "$workspace"
+"""What the status view shows instead of the workspace id `begin_script` writes into its text."""
+# The one value a query-pool statement carries in its text rather than as a bound
+# parameter: the workspace id of `begin_script` (a simple-protocol script takes none).
+_WORKSPACE_LITERAL = re.compile(rf"(SET LOCAL {re.escape(WORKSPACE_SETTING)} = )'[^']*'")
+
 Isolation: TypeAlias = Literal["read_committed", "repeatable_read", "serializable"]
 
 # The query role's name when row-level security cannot bind it; NULL when it can.
@@ -108,7 +115,9 @@ def begin_script(
     script: a transaction scoped to a workspace costs one round trip to open, not two.
 
     The workspace is rendered into the text, which is safe only because it is a
-    uuid.UUID: its text form is 32 hex digits and four hyphens, nothing else.
+    uuid.UUID: its text form is 32 hex digits and four hyphens, nothing else. What
+    records statements (the slow-query list) takes the text through `statement_shape`,
+    which puts a placeholder in its place.
     """
     begin = "BEGIN"
     if isolation is not None:
@@ -123,6 +132,16 @@ def begin_script(
     if prelude:
         parts.append(prelude)
     return "; ".join(parts)
+
+
+def statement_shape(statement: str) -> str:
+    """`statement` as the status view may show it: the workspace id a `begin_script` wrote
+    into it replaced by `WORKSPACE_PLACEHOLDER`, so that its shape is the same for every
+    workspace and names none. Every other value of a query-pool statement is a bound
+    parameter ($n) already."""
+    if WORKSPACE_SETTING not in statement:
+        return statement
+    return _WORKSPACE_LITERAL.sub(rf"\g<1>{WORKSPACE_PLACEHOLDER}", statement)
 
 
 def pooled_session_settings(settings: Settings) -> str:
@@ -375,7 +394,7 @@ class Database:
         exception = record.exception
         self.on_slow_query(
             SlowStatement(
-                statement=str(record.query)[:MAX_STATEMENT_CHARS],
+                statement=statement_shape(str(record.query))[:MAX_STATEMENT_CHARS],
                 caller=current_caller.get(),
                 seconds=float(record.elapsed),
                 end_time=time.time(),

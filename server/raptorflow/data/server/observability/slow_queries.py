@@ -1,7 +1,8 @@
 """The slowest recent statements over the slow-query threshold (at most `LIMIT`).
 
 `Database` reports each query-pool statement that ran at least
-`slow_query_seconds` (its SQL text with $n placeholders, never its values);
+`slow_query_seconds` (its SQL text with $n placeholders, never its values; the
+workspace id of a transaction's BEGIN script shows as `$workspace`);
 this keeps the slowest `LIMIT` of those that ended within the latency window.
 """
 
