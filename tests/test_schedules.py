@@ -9,6 +9,7 @@ import dataclasses
 import datetime
 import itertools
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -23,7 +24,11 @@ from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
 from raptorflow.data.server.db.connections import Database
 from raptorflow.data.server.maintenance.jobs import Jobs
-from raptorflow.data.server.maintenance.schedule_config import ScheduleConfig, load_schedules
+from raptorflow.data.server.maintenance.schedule_config import (
+    MAX_INTERVAL_SECONDS,
+    ScheduleConfig,
+    load_schedules,
+)
 from raptorflow.data.server.maintenance.schedules import Scheduler
 from raptorflow.data.v1 import job_pb2, maintenance_service_pb2, maintenance_service_pb2_grpc
 from server_process import free_port, spawn_serve
@@ -128,8 +133,13 @@ ANALYZE = {"analyze": {"tables": ["campaigns"]}}
         (schedules_json(entry("x", ANALYZE, cron="0 * * * * *")), "five fields"),
         (schedules_json(entry("x", ANALYZE, cron="61 * * * *")), "bad cron expression"),
         (schedules_json(entry("x", ANALYZE, cron="0 0 30 2 *")), "bad cron expression"),
-        (schedules_json(entry("x", ANALYZE, interval_seconds=0)), "at least 1"),
-        (schedules_json(entry("x", ANALYZE, interval_seconds=0.5)), "at least 1"),
+        (schedules_json(entry("x", ANALYZE, interval_seconds=0)), "from 1 to"),
+        (schedules_json(entry("x", ANALYZE, interval_seconds=0.5)), "from 1 to"),
+        # Past 100 years: such an interval used to pass, then overflow datetime when its
+        # next run was computed (ListSchedules INTERNAL, every schedule gone from GetStatus).
+        (schedules_json(entry("x", ANALYZE, interval_seconds=3e11)), "to 3155760000 (100 years)"),
+        (schedules_json(entry("x", ANALYZE, interval_seconds=1e300)), "(100 years)"),
+        (schedules_json(entry("x", ANALYZE, interval_seconds=math.inf)), "(100 years)"),
         (schedules_json(entry("x", ANALYZE, interval_seconds="5")), "'interval_seconds'"),
         (schedules_json(entry("x", ANALYZE, interval_seconds=True)), "'interval_seconds'"),
         (schedules_json(entry("x", {}, interval_seconds=5)), "must name one kind"),
@@ -174,6 +184,26 @@ def test_schedules_from_a_file(tmp_path: Path) -> None:
     assert often.spec.backup_to_file.path == "b/x.bak"
     assert load_schedules("") == []
     assert load_schedules("[]") == []
+
+
+def test_the_longest_interval_has_a_next_run() -> None:
+    (longest,) = load_schedules(
+        schedules_json(entry("x", ANALYZE, interval_seconds=100 * 365.25 * 86400))
+    )
+    assert longest.interval_seconds == MAX_INTERVAL_SECONDS
+    now = datetime.datetime.now(UTC)
+    following = longest.next_run(now)
+    assert following is not None
+    assert now < following <= now + datetime.timedelta(seconds=MAX_INTERVAL_SECONDS)
+
+
+def test_no_next_run_past_the_end_of_datetime_is_none_not_an_error() -> None:
+    end = at("9999-12-31 23:59:30")
+    assert every(60).next_run(end) is None
+    assert every(MAX_INTERVAL_SECONDS).next_run(end) is None
+    assert cron("0 0 * * *").next_run(end) is None
+    assert cron("0 0 * * *").latest_period(end) == at("9999-12-31 00:00:00")
+    assert every(60).latest_period(end) == at("9999-12-31 23:59:00")
 
 
 async def test_serve_exits_with_the_reason_for_bad_schedules(database_url: str) -> None:
@@ -299,6 +329,29 @@ async def test_success_rate_counts_finished_runs(
     # The yearly schedule's latest period (2030-01-01) ran once at start-up.
     assert listed_quiet.run_count == 1
     assert listed_quiet.next_run_time.ToDatetime(tzinfo=UTC) == at("2031-01-01 00:00:00")
+
+
+async def test_a_schedule_without_a_next_run_leaves_the_others_listed(
+    settings: Settings, two_runtimes: tuple[ScriptedExecutor, Jobs, Jobs]
+) -> None:
+    # Near datetime's end (the only way left, now that start-up refuses an interval that
+    # overflows it), a schedule has no next run: it is listed without one, and the list
+    # (ListSchedules, GetStatus) neither fails nor loses the schedules that have one.
+    _, jobs, _ = two_runtimes
+    soon, never = f"soon-{uuid.uuid4().hex[:8]}", f"never-{uuid.uuid4().hex[:8]}"
+    clock = FakeClock(at("9999-12-31 23:58:10"))
+    scheduler = scheduler_of(
+        settings,
+        jobs,
+        clock,
+        entry(soon, {"analyze": {"tables": ["succeed"]}}, interval_seconds=60),
+        entry(never, {"analyze": {"tables": ["succeed"]}}, cron="0 0 * * *"),
+    )
+    listed = {s.name: s for s in await scheduler.list()}
+    assert set(listed) == {soon, never}
+    assert listed[soon].next_run_time.ToDatetime(tzinfo=UTC) == at("9999-12-31 23:59:00")
+    assert not listed[never].HasField("next_run_time")
+    assert listed[never].cron == "0 0 * * *"
 
 
 # -- real servers ---------------------------------------------------------------------------

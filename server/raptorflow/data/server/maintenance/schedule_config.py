@@ -30,6 +30,9 @@ _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=UTC)
 _SECOND = datetime.timedelta(seconds=1)
 _MICROSECOND = datetime.timedelta(microseconds=1)
 MIN_INTERVAL_SECONDS = 1.0
+MAX_INTERVAL_SECONDS = 36_525 * 86_400.0
+"""100 years: far beyond any real schedule, and far enough from `datetime`'s year 9999 that
+every period's next run can be computed (a longer interval used to overflow there)."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _KEYS = frozenset({"name", "cron", "interval_seconds", "job"})
 
@@ -53,28 +56,30 @@ class ScheduleConfig:
         return round(self.interval_seconds * 1_000_000)
 
     def latest_period(self, now: datetime.datetime) -> datetime.datetime | None:
-        """The start of the latest period that has begun at `now` (None: no fire time yet)."""
+        """The start of the latest period that has begun at `now` (None: no fire time yet,
+        or none `datetime` can hold)."""
         if not self.cron:
             # Integer microseconds, so every replica gets the very same instant.
             micros = (now - _EPOCH) // _MICROSECOND
             return _EPOCH + _MICROSECOND * (micros // self._interval_micros * self._interval_micros)
         # Iterating backwards from one second after `now` (whole seconds) yields
         # the latest fire time at or before `now` first.
-        start = now.astimezone(UTC).replace(microsecond=0) + _SECOND
         try:
+            start = now.astimezone(UTC).replace(microsecond=0) + _SECOND
             return next(CronSim(self.cron, start, reverse=True))
-        except StopIteration:
+        except (StopIteration, OverflowError):
             return None
 
     def next_run(self, now: datetime.datetime) -> datetime.datetime | None:
-        """When the next period after `now` begins (None: never again)."""
-        if not self.cron:
-            latest = self.latest_period(now)
-            assert latest is not None
-            return latest + _MICROSECOND * self._interval_micros
+        """When the next period after `now` begins (None: never again, or not before the
+        end of `datetime`'s range, year 9999)."""
         try:
+            if not self.cron:
+                latest = self.latest_period(now)
+                assert latest is not None
+                return latest + _MICROSECOND * self._interval_micros
             return next(CronSim(self.cron, now.astimezone(UTC).replace(microsecond=0)))
-        except StopIteration:
+        except (StopIteration, OverflowError):
             return None
 
 
@@ -121,10 +126,14 @@ def _parse_entry(index: int, entry: Any) -> ScheduleConfig:
         raise ScheduleConfigError(f"{where}: give exactly one of 'cron' and 'interval_seconds'")
     spec = _parse_spec(where, entry.get("job"))
     if has_cron:
-        return ScheduleConfig(name, spec, cron=_parse_cron(where, entry["cron"]))
-    return ScheduleConfig(
-        name, spec, interval_seconds=_parse_interval(where, entry["interval_seconds"])
-    )
+        schedule = ScheduleConfig(name, spec, cron=_parse_cron(where, entry["cron"]))
+    else:
+        interval = _parse_interval(where, entry["interval_seconds"])
+        schedule = ScheduleConfig(name, spec, interval_seconds=interval)
+    # What ListSchedules and the status view show for it must be computable, now.
+    if schedule.next_run(datetime.datetime.now(UTC)) is None:
+        raise ScheduleConfigError(f"{where}: has no next run time")
+    return schedule
 
 
 def _parse_cron(where: str, cron: Any) -> str:
@@ -147,10 +156,11 @@ def _parse_interval(where: str, interval: Any) -> float:
         isinstance(interval, bool)
         or not isinstance(interval, int | float)
         or not math.isfinite(interval)
-        or interval < MIN_INTERVAL_SECONDS
+        or not MIN_INTERVAL_SECONDS <= interval <= MAX_INTERVAL_SECONDS
     ):
         raise ScheduleConfigError(
-            f"{where}: 'interval_seconds' must be a number of at least {MIN_INTERVAL_SECONDS:g}"
+            f"{where}: 'interval_seconds' must be a number from {MIN_INTERVAL_SECONDS:g}"
+            f" to {MAX_INTERVAL_SECONDS:.0f} (100 years)"
         )
     return float(interval)
 

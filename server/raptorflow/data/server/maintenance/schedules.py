@@ -139,6 +139,9 @@ class Scheduler:
                 success_count=seen.succeeded,
                 success_rate=seen.succeeded / seen.runs if seen.runs else 1.0,
             )
+            # None (left unset) rather than an error past datetime's year 9999, so one
+            # schedule never fails or empties the whole list; start-up refuses a schedule
+            # that has no next run now.
             next_run = config.next_run(now)
             if next_run is not None:
                 schedule.next_run_time.FromDatetime(next_run)
