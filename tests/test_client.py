@@ -23,6 +23,7 @@ from conftest import CAMPAIGN_COLUMNS, start_server
 from pg_activity import wait_for_lock_waits
 from raptorflow.data.client import (
     ERROR_DOMAIN,
+    MAX_TIMEOUT_SECONDS,
     AlreadyExists,
     ClientConfig,
     DataClient,
@@ -526,6 +527,21 @@ async def test_unavailable_without_a_server(refused_address: str, workspace: str
             await campaigns.insert({"name": "never"}).execute(timeout=5.0)
     with pytest.raises(Unavailable):
         await DataClient.connect(refused_address, timeout=0.3)
+
+
+async def test_a_long_client_timeout_works_and_one_grpc_cannot_send_is_refused(
+    server: RunningServer, workspace: str
+) -> None:
+    # ClientConfig(timeout=inf) (or 1e10) used to be accepted, and then every call
+    # failed at once with DEADLINE_EXCEEDED: gRPC's deadline overflowed.
+    for timeout in (1e9, MAX_TIMEOUT_SECONDS):
+        config = ClientConfig(server.address, token=ADMIN_TOKEN, timeout=timeout)
+        async with DataClient(config) as patient:
+            assert await patient.workspace(workspace).table("campaigns").count().execute() == 0
+            assert await patient.describe_tables(timeout=timeout)
+    for timeout in (1e10, float("inf")):
+        with pytest.raises(ValueError, match="None sets no deadline"):
+            ClientConfig(server.address, token=ADMIN_TOKEN, timeout=timeout)
 
 
 # --------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import grpc
 import pytest
 from conftest import start_server
 from fake_grpc import Failure, Received, error_status, fail, received, serve
+from job_helpers import analyze, create_lock_table, locked
 from raptorflow.data import client as rf
 from raptorflow.data.client import _maintenance
 from raptorflow.data.server.app import RunningServer
@@ -35,7 +37,7 @@ from raptorflow.data.v1 import (
     monitoring_service_pb2,
     monitoring_service_pb2_grpc,
 )
-from tokens import ADMIN_TOKEN
+from tokens import ADMIN_TOKEN, mint
 
 pb = maintenance_service_pb2
 WS = "0a700930-722d-4b2c-b5c1-1b2d7cdb954e"
@@ -750,6 +752,80 @@ async def test_wait_job_gives_up_at_its_timeout(fake: _Fake) -> None:
     assert 0 < (fake.calls("WatchJob")[0].time_remaining or 0) <= 1.0
 
 
+TOKEN_EXPIRED = error_status(
+    grpc.StatusCode.UNAUTHENTICATED,
+    "the bearer token expired while the stream was open",
+    "TOKEN_EXPIRED",
+)
+
+
+class _Tokens:
+    """A token function, as `ClientConfig.token` takes it: a new token at each call."""
+
+    def __init__(self) -> None:
+        self.handed_out = 0
+
+    def __call__(self) -> str:
+        self.handed_out += 1
+        return f"token-{self.handed_out}"
+
+
+async def test_wait_job_watches_again_with_a_fresh_token_when_one_expires(fake: _Fake) -> None:
+    # The server ends a watch UNAUTHENTICATED (TOKEN_EXPIRED) when its token expires;
+    # a job longer than one token's life used to make wait_job raise while it ran on.
+    fake.service.streams["WatchJob"] += [
+        _Stream([_job(RUNNING)], TOKEN_EXPIRED),
+        _Stream([_job(RUNNING)], TOKEN_EXPIRED),
+        _Stream([_job(SUCCEEDED)]),
+    ]
+    async with fake.client(token=_Tokens(), metadata=()) as client:
+        job = await client.maintenance.wait_job(JOB_ID, timeout=10)
+    assert job.state == SUCCEEDED
+    sent = [call.metadata["authorization"] for call in fake.calls("WatchJob")]
+    assert sent == ["Bearer token-1", "Bearer token-2", "Bearer token-3"]
+
+
+@pytest.mark.parametrize(
+    ("token", "metadata"),
+    [
+        # A fixed token: watching again would only be refused.
+        (ADMIN_TOKEN, ()),
+        # A token function, but the caller's own header goes out instead of its tokens.
+        (_Tokens(), {"authorization": "Bearer cfg"}),
+    ],
+)
+async def test_wait_job_raises_token_expired_without_a_token_function(
+    fake: _Fake, token: Any, metadata: Any
+) -> None:
+    fake.service.streams["WatchJob"].append(_Stream([_job(RUNNING)], TOKEN_EXPIRED))
+    async with fake.client(token=token, metadata=metadata) as client:
+        with pytest.raises(rf.Unauthenticated) as caught:
+            await client.maintenance.wait_job(JOB_ID, timeout=10)
+    assert caught.value.reason == "TOKEN_EXPIRED"
+    assert len(fake.calls("WatchJob")) == 1
+
+
+async def test_wait_job_raises_when_a_fresh_token_is_refused_at_once(fake: _Fake) -> None:
+    # A token function handing out tokens that are expired already: no watch gets a
+    # message, and waiting on would be a loop of refusals.
+    fake.service.streams["WatchJob"] += [
+        _Stream([_job(RUNNING)], TOKEN_EXPIRED),
+        _Stream([], TOKEN_EXPIRED),
+    ]
+    async with fake.client(token=_Tokens(), metadata=()) as client:
+        with pytest.raises(rf.Unauthenticated):
+            await client.maintenance.wait_job(JOB_ID, timeout=10)
+    assert len(fake.calls("WatchJob")) == 2
+
+
+async def test_wait_job_refuses_a_timeout_grpc_cannot_send(fake: _Fake) -> None:
+    async with fake.client() as client:
+        for timeout in (1e10, float("inf"), float("nan")):
+            with pytest.raises(ValueError, match="None sets no deadline"):
+                await client.maintenance.wait_job(JOB_ID, timeout=timeout)
+    assert fake.calls("WatchJob") == []
+
+
 async def test_client_exposes_maintenance_and_monitoring_stubs(fake: _Fake) -> None:
     async with fake.client() as client:
         assert isinstance(client.maintenance, rf.Maintenance)
@@ -945,3 +1021,33 @@ async def test_real_status_reflects_the_pool(client: rf.DataClient, settings: Se
     assert status.pool.max_size == settings.pool_max_size
     assert status.database.reachable
     assert status.database.server_version
+
+
+async def test_real_wait_job_outlives_its_tokens_with_a_token_function(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    # A job that runs longer than a token lives: the server ends each watch at its
+    # token's expiry (no leeway here), and wait_job follows with a fresh token.
+    table = "maint_client_token_lock"
+    await create_lock_table(db, table)
+    running = await start_server(settings, jwt_leeway_seconds=0.0)
+    handed_out: list[float] = []
+
+    def fresh_token() -> str:
+        handed_out.append(time.monotonic())
+        return mint("admin", ttl=1.5)
+
+    try:
+        async with rf.DataClient(rf.ClientConfig(running.address, token=fresh_token)) as client:
+            async with locked(db, table):
+                job = await client.maintenance.start_job(analyze(table))
+                waiting = asyncio.ensure_future(client.maintenance.wait_job(job.job_id, timeout=30))
+                await asyncio.sleep(4.0)  # the job waits for the lock: over two tokens long
+                assert not waiting.done(), waiting
+            final = await waiting
+        assert final.state == job_pb2.JOB_STATE_SUCCEEDED
+        # StartJob's token, then one per watch: the first, and at least one more (two,
+        # unless a loaded machine delayed the first watch past half a second).
+        assert len(handed_out) >= 3, handed_out
+    finally:
+        await running.stop(grace=1.0)

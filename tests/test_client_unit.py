@@ -536,6 +536,26 @@ def test_config_is_frozen() -> None:
         config.timeout = 1.0  # type: ignore[misc]
 
 
+@pytest.mark.parametrize(
+    "timeout", [0, -1.0, math.nan, math.inf, 1e10, 1e300, rf.MAX_TIMEOUT_SECONDS * 1.01]
+)
+def test_config_refuses_a_timeout_grpc_cannot_send(timeout: float) -> None:
+    # inf or 1e10 used to be accepted, and then every call failed at once with
+    # DEADLINE_EXCEEDED (gRPC's deadline, int64 nanoseconds, overflowed).
+    with pytest.raises(ValueError, match=r"ClientConfig\.timeout=.* None sets no deadline"):
+        rf.ClientConfig("localhost:1", timeout=timeout)
+
+
+def test_config_takes_no_deadline_and_up_to_the_longest_timeout() -> None:
+    assert rf.MAX_TIMEOUT_SECONDS == 100 * 365.25 * 86_400
+    for timeout in (None, 0.001, 1, 1e9, rf.MAX_TIMEOUT_SECONDS):
+        assert rf.ClientConfig("localhost:1", timeout=timeout).timeout == timeout
+    with pytest.raises(TypeError, match="timeout"):
+        rf.ClientConfig("localhost:1", timeout=True)
+    with pytest.raises(TypeError, match="timeout"):
+        rf.ClientConfig("localhost:1", timeout="10")  # type: ignore[arg-type]
+
+
 def test_call_metadata_replaces_defaults_by_key() -> None:
     merged = _config.merge_metadata(
         {"Authorization": "Bearer a", "x-agent": "one"},
@@ -777,6 +797,24 @@ async def test_no_deadline_when_timeout_is_none(fake: _Fake) -> None:
         await client.workspace(WS).table("t").count().execute(timeout=None)
     for call in fake.service.received:
         assert call.time_remaining is None
+
+
+async def test_a_call_timeout_grpc_cannot_send_fails_before_sending(fake: _Fake) -> None:
+    fake.service.scripts["Count"] = _Script(
+        respond=lambda _: workspace_service_pb2.CountResponse(count=42)
+    )
+    async with rf.DataClient(_config_for(fake)) as client:
+        count = client.workspace(WS).table("t").count()
+        for timeout in (math.inf, math.nan, 1e10):
+            with pytest.raises(ValueError, match="None sets no deadline"):
+                await count.execute(timeout=timeout)
+        assert fake.service.received == []
+        # The longest one there is goes out as a deadline (which gRPC's grpc-timeout
+        # header caps, at about three years: far ahead anyway).
+        assert await count.execute(timeout=rf.MAX_TIMEOUT_SECONDS) == 42
+    (call,) = fake.service.received
+    assert call.time_remaining is not None
+    assert call.time_remaining > 1e7
 
 
 async def test_pages_and_stream_follow_page_tokens(fake: _Fake) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import socket
 import time
 import uuid
@@ -33,6 +34,7 @@ from tokens import ADMIN_TOKEN
 
 NOTES = "compat_notes"
 EVENTS = "compat_events"  # exposed, without change capture
+PAIRS = "compat_pairs"  # a primary key of several text columns
 ROWS = 300
 POOL_MAX = 6
 
@@ -52,6 +54,13 @@ CREATE TABLE IF NOT EXISTS {EVENTS} (
     workspace_id uuid NOT NULL,
     kind text NOT NULL
 );
+CREATE TABLE IF NOT EXISTS {PAIRS} (
+    workspace_id uuid NOT NULL,
+    first_part text NOT NULL,
+    second_part text NOT NULL,
+    note text,
+    PRIMARY KEY (workspace_id, first_part, second_part)
+);
 """
 
 
@@ -65,7 +74,8 @@ def captured(database_url: str) -> None:
             await conn.close()
 
     asyncio.run(create())
-    assert cli.main(["migrate", "--database-url", database_url, "--sync-tables", NOTES]) == 0
+    sync_tables = f"{NOTES},{PAIRS}"
+    assert cli.main(["migrate", "--database-url", database_url, "--sync-tables", sync_tables]) == 0
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +147,14 @@ def test_configuration_comes_from_the_environment(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv(compat.TIMEOUT_ENV, "soon")
     with pytest.raises(ValueError, match=compat.TIMEOUT_ENV):
         compat.client_config()
+    # "inf" (or 1e10) used to pass, and then every call failed at once with
+    # DEADLINE_EXCEEDED: gRPC cannot send such a deadline.
+    for refused in ("inf", "Infinity", "nan", "1e10", "1e300", "0", "-5"):
+        monkeypatch.setenv(compat.TIMEOUT_ENV, refused)
+        with pytest.raises(ValueError, match=f"{compat.TIMEOUT_ENV}='{refused}' .*100 years"):
+            compat.client_config()
+    monkeypatch.setenv(compat.TIMEOUT_ENV, str(rf.MAX_TIMEOUT_SECONDS))
+    assert compat.client_config().timeout == rf.MAX_TIMEOUT_SECONDS
     compat.configure("elsewhere:1")
     try:
         assert compat.client_config().target == "elsewhere:1"
@@ -332,6 +350,35 @@ async def test_sync_database_to_memory_delivers_every_row(
             for row in batch.rows
         ]
     assert later == ["later"]
+
+
+async def test_sync_database_to_memory_keys_of_several_columns_never_collide(
+    env: str, db: asyncpg.Connection, workspace: str
+) -> None:
+    # Values joined by "," gave ("a,b", "c") and ("a", "b,c") one key, so the second
+    # row overwrote the first in the memory store.
+    for first, second in (("a,b", "c"), ("a", "b,c")):
+        await db.execute(
+            f"INSERT INTO {PAIRS} (workspace_id, first_part, second_part, note)"
+            " VALUES ($1, $2, $3, $4)",
+            uuid.UUID(workspace),
+            first,
+            second,
+            f"{first}|{second}",
+        )
+    controller = _RecordingController()
+    summary = await compat.sync_database_to_memory(workspace, controller, tables=[PAIRS])
+    assert summary["tables"] == {PAIRS: {"status": "synced", "rows": 2, "failed": 0}}
+    # A JSON array of the key's values, in key order.
+    keys = {
+        json.dumps([workspace, "a,b", "c"], separators=(",", ":")): "a,b|c",
+        json.dumps([workspace, "a", "b,c"], separators=(",", ":")): "a|b,c",
+    }
+    assert set(controller.stored) == {f"{workspace}:{PAIRS}:{key}" for key in keys}
+    for key, note in keys.items():
+        stored = controller.stored[f"{workspace}:{PAIRS}:{key}"]
+        assert (stored["key"], stored["row"]["note"]) == (key, note)
+        assert json.loads(stored["key"])[1:] == note.split("|")
 
 
 async def test_sync_database_to_memory_of_named_tables(
@@ -550,9 +597,40 @@ async def test_health_calls_never_raise_for_an_unreachable_service(
     assert (await compat.get_database_integration().initialize())["status"] == "failed"
     monkeypatch.setenv(compat.TIMEOUT_ENV, "never")
     assert (await compat.check_database_health())["status"] == "unhealthy"
+    monkeypatch.setenv(compat.TIMEOUT_ENV, "inf")
+    health = await compat.check_database_health()
+    assert health["status"] == "unhealthy"
+    assert compat.TIMEOUT_ENV in health["reason"]
     # Calls that move data do raise.
     monkeypatch.setenv(compat.TIMEOUT_ENV, "0.3")
     with pytest.raises((rf.Unavailable, rf.DeadlineExceeded)):
+        await compat.backup_database()
+
+
+@pytest.mark.parametrize("missing", ["no/such/ca.pem", "."])
+async def test_health_calls_never_raise_for_an_unreadable_tls_file(
+    refused_address: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, missing: str
+) -> None:
+    # A CA file not mounted yet (or a directory in its place): tls_credentials raises
+    # OSError, which used to escape the health calls documented as "Never raises".
+    path = tmp_path / missing
+    monkeypatch.setenv(compat.TARGET_ENV, refused_address)
+    monkeypatch.setenv(compat.TLS_CA_FILE_ENV, str(path))
+    compat.configure(None)
+    health = await compat.check_database_health()
+    assert health["status"] == "unhealthy"
+    assert str(path) in health["reason"]
+    current = await compat.get_database_monitor().get_current_status()
+    assert current["overall_status"] == "critical"
+    assert str(path) in current["error"]
+    system = await compat.get_database_integration().get_system_status()
+    assert (system["status"], system["initialized"]) == ("unhealthy", False)
+    assert (await compat.get_database_service().health_check())["status"] == "critical"
+    statistics = await compat.get_database_service().get_database_statistics()
+    assert statistics["overall_health"] == "unhealthy"
+    assert (await compat.get_database_integration().initialize())["status"] == "failed"
+    # Calls that move data do raise, with the file's error.
+    with pytest.raises(OSError, match=re.escape(str(path))):
         await compat.backup_database()
 
 

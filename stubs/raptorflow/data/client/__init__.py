@@ -41,6 +41,7 @@ from raptorflow.data.client._auth import TokenSource, bearer_auth
 from raptorflow.data.client._client import DataClient
 from raptorflow.data.client._columns import from_column_batch
 from raptorflow.data.client._config import (
+    MAX_TIMEOUT_SECONDS,
     USE_CLIENT_DEFAULT,
     ClientConfig,
     MetadataLike,
@@ -136,6 +137,7 @@ from raptorflow.data.client._values import (
 __all__ = [
     "BACKUP_FILE_MAGIC",
     "ERROR_DOMAIN",
+    "MAX_TIMEOUT_SECONDS",
     "USE_CLIENT_DEFAULT",
     "Aborted",
     "AlreadyExists",

@@ -18,6 +18,7 @@ from raptorflow.data.client._config import (
     MetadataValue,
     Timeout,
     UseClientDefault,
+    check_call_timeout,
     merge_metadata,
 )
 from raptorflow.data.client._errors import Unavailable, from_rpc_error
@@ -189,8 +190,13 @@ class DataClient:
     def _call_options(
         self, timeout: Timeout, metadata: MetadataLike | None
     ) -> tuple[float | None, list[tuple[str, MetadataValue]]]:
-        """The deadline in seconds (None for none) and the metadata a call is sent with."""
-        deadline = self._config.timeout if isinstance(timeout, UseClientDefault) else timeout
+        """The deadline in seconds (None for none) and the metadata a call is sent with.
+        Raises ValueError for a timeout gRPC cannot send (`check_call_timeout`)."""
+        if isinstance(timeout, UseClientDefault):
+            deadline = self._config.timeout  # checked when the config was created
+        else:
+            check_call_timeout(timeout)
+            deadline = timeout
         merged = merge_metadata(self._config.metadata, metadata)
         token = self._config.token
         if token is not None and all(key != AUTHORIZATION for key, _ in merged):

@@ -30,7 +30,17 @@ long-running jobs need to be able to ask for.
 """
 
 Timeout: TypeAlias = float | UseClientDefault | None
-"""A per-call timeout in seconds, None for no deadline, or `USE_CLIENT_DEFAULT`."""
+"""A per-call timeout in seconds, None for no deadline, or `USE_CLIENT_DEFAULT`.
+
+At most `MAX_TIMEOUT_SECONDS`; more (or NaN, or infinity) raises ValueError at the
+call. Zero or less is a deadline that has already passed."""
+
+MAX_TIMEOUT_SECONDS: Final = 36_525 * 86_400.0
+"""The longest timeout a `ClientConfig` or a call may give: 100 years, in seconds.
+
+gRPC carries a deadline as 64-bit nanoseconds on the clock, which overflows a few
+billion seconds ahead; every call sent with such a deadline used to fail at once
+with DEADLINE_EXCEEDED. For no deadline, give None."""
 
 SERVICE_NAME: Final = "raptorflow.data.v1.WorkspaceService"
 
@@ -66,8 +76,10 @@ class ClientConfig:
     UNAUTHENTICATED, unless it runs with authentication off for development)."""
 
     timeout: float | None = 10.0
-    """Seconds a call may take, retries included, unless the call says otherwise;
-    None sets no deadline."""
+    """Seconds a call may take, retries included, unless the call says otherwise: more
+    than 0 and at most `MAX_TIMEOUT_SECONDS` (100 years). None sets no deadline. Anything
+    else (0 or less, NaN, infinity, more than 100 years) raises ValueError here, when the
+    config is created: gRPC cannot send it as a deadline, and every call would fail."""
 
     metadata: MetadataLike = ()
     """Metadata sent on every call, such as an authorization header. A call's own
@@ -99,6 +111,20 @@ class ClientConfig:
     healthCheckConfig) and sends nothing to one that is not SERVING: a replica that
     is draining for shutdown, or that cannot reach the database. pick_first ignores it."""
 
+    def __post_init__(self) -> None:
+        timeout = self.timeout
+        if timeout is None:
+            return
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+            raise TypeError(
+                f"ClientConfig.timeout is seconds (a float) or None, not {type(timeout).__name__}"
+            )
+        if not 0 < timeout <= MAX_TIMEOUT_SECONDS:
+            raise ValueError(
+                f"ClientConfig.timeout={timeout!r} is not a number of seconds above 0 and at"
+                f" most {MAX_TIMEOUT_SECONDS:.0f} (100 years); None sets no deadline"
+            )
+
     def service_config(self) -> dict[str, Any]:
         """The gRPC service config the channel gets: retry policies and load balancing."""
         text = resources.files(_PACKAGE).joinpath("service_config.json").read_text("utf-8")
@@ -123,6 +149,18 @@ class ClientConfig:
         # twice, where which one gRPC honours is not documented.
         options.update(dict(self.channel_options))
         return list(options.items())
+
+
+def check_call_timeout(seconds: float | None, name: str = "timeout") -> None:
+    """Raises ValueError for a per-call timeout gRPC cannot send as a deadline: NaN,
+    infinity or more than `MAX_TIMEOUT_SECONDS` (None, no deadline, and 0 or less, a
+    deadline already passed, are fine)."""
+    # One comparison on the way of every call; NaN and infinity fail it too.
+    if seconds is not None and not seconds <= MAX_TIMEOUT_SECONDS:
+        raise ValueError(
+            f"{name}={seconds!r} is not a number of seconds up to {MAX_TIMEOUT_SECONDS:.0f}"
+            " (100 years); None sets no deadline"
+        )
 
 
 def metadata_pairs(metadata: MetadataLike) -> list[tuple[str, MetadataValue]]:

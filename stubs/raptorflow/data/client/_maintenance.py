@@ -37,6 +37,10 @@ Policies worth knowing:
 - The streaming and waiting calls (export, restore, watch, wait) default to
   no deadline, since a backup or a job takes as long as it takes; pass
   ``timeout=`` to bound them. The unary calls use ``ClientConfig.timeout``.
+- The server ends a stream when its token expires. `wait_job` then watches
+  again if ``ClientConfig.token`` is a function (each watch fetches a fresh
+  token), so a job may outlive any one token; with a fixed token it raises
+  `Unauthenticated` (reason TOKEN_EXPIRED).
 """
 
 # `timeout` is the gRPC deadline sent along with each call (the server cancels the
@@ -64,8 +68,15 @@ from uuid import UUID
 
 import grpc.aio
 from google.protobuf.message import DecodeError
-from raptorflow.data.client._config import USE_CLIENT_DEFAULT, MetadataLike, Timeout
-from raptorflow.data.client._errors import DataLoss, Unavailable, from_rpc_error
+from raptorflow.data.client._auth import AUTHORIZATION
+from raptorflow.data.client._config import (
+    USE_CLIENT_DEFAULT,
+    MetadataLike,
+    Timeout,
+    check_call_timeout,
+    merge_metadata,
+)
+from raptorflow.data.client._errors import DataLoss, Unauthenticated, Unavailable, from_rpc_error
 from raptorflow.data.client._values import canonical_workspace_id
 from raptorflow.data.v1 import job_pb2, maintenance_service_pb2, maintenance_service_pb2_grpc
 
@@ -810,16 +821,32 @@ class Maintenance:
         last `Unavailable`. None waits for as long as it takes. With `check`
         (the default) a job that ended FAILED or CANCELLED raises
         `JobFailed`, which carries the job; ``check=False`` returns it
-        instead. Raises `NotFound` if no job has the id.
+        instead. Raises `NotFound` if no job has the id, and ValueError for
+        a `timeout` over `MAX_TIMEOUT_SECONDS` (or NaN, or infinity).
+
+        The server ends a watch `Unauthenticated` (reason TOKEN_EXPIRED) when
+        its token expires. With a function as `ClientConfig.token` (and no
+        authorization header in `metadata`), every watch gets a fresh token,
+        so the wait watches again and a job may outlive any one token. With a
+        fixed token it raises `Unauthenticated`, as it does when a fresh
+        token is refused at once.
         """
+        check_call_timeout(timeout)
+        config = self._client.config
+        # Whether each watch sends a token of its own, fetched for it.
+        refreshing = callable(config.token) and all(
+            key != AUTHORIZATION for key, _ in merge_metadata(config.metadata, metadata)
+        )
         loop = asyncio.get_running_loop()
         end = None if timeout is None else loop.time() + timeout
         while True:
             remaining = None if end is None else max(end - loop.time(), 0.0)
+            watched = False
             try:
                 watch = self.watch_job(job_id, timeout=remaining, metadata=metadata)
                 async with contextlib.aclosing(watch):
                     async for job in watch:
+                        watched = True
                         state = job_state(job)
                         if state.is_final:
                             if check and state is not JobState.SUCCEEDED:
@@ -828,8 +855,15 @@ class Maintenance:
             except Unavailable:
                 if end is not None and loop.time() >= end:
                     raise
-            # The stream ended without a final state (its replica shut down):
-            # the job lives in the database, so watch it again, perhaps elsewhere.
+            except Unauthenticated as err:
+                # A watch that sent nothing was refused its token outright: watching
+                # again with the next one could loop for ever, so that raises.
+                if not (refreshing and watched and err.reason == "TOKEN_EXPIRED"):
+                    raise
+            # The stream ended without a final state (its replica shut down, its
+            # token expired): the job lives in the database, so watch it again,
+            # perhaps elsewhere. The pause also keeps a token function that hands
+            # out tokens about to expire from making a tight loop of watches.
             await asyncio.sleep(_REWATCH_SECONDS)
 
     async def cancel_job(

@@ -18,8 +18,13 @@ environment at each call (or what `configure()` set):
 
 - ``RAPTORFLOW_DATA_TARGET``: the server, "host:port" or any gRPC target
   (default "127.0.0.1:50051", the server's default address);
-- ``RAPTORFLOW_DATA_TIMEOUT``: seconds per call (default 10);
-- ``RAPTORFLOW_DATA_TOKEN``: the bearer token (a JWT) sent on every call;
+- ``RAPTORFLOW_DATA_TIMEOUT``: seconds per call (default 10; above 0, at most
+  100 years);
+- ``RAPTORFLOW_DATA_TOKEN``: the bearer token (a JWT) sent on every call. It is
+  fixed: a job waited for (``backup_database()``, ``vacuum_database()``...)
+  that outlives it raises `Unauthenticated` (TOKEN_EXPIRED), although the job
+  goes on. ``configure(ClientConfig(target, token=function))`` instead fetches
+  a fresh token for every call, and waits then outlive any one token;
 - ``RAPTORFLOW_DATA_TLS_CA_FILE``, ``RAPTORFLOW_DATA_TLS_CERT_FILE``,
   ``RAPTORFLOW_DATA_TLS_KEY_FILE``, ``RAPTORFLOW_DATA_TLS_SERVER_NAME``: TLS (any
   of them turns it on), with a client certificate for mutual TLS;
@@ -37,10 +42,12 @@ keep a `DataClient` of their own.
 
 Errors. The health calls (`check_database_health`, ``get_system_status``,
 ``get_current_status``, ``health_check``) never raise for an unreachable or
-failing service: they report it as "unhealthy" (or "critical"), as the old
-ones did. Calls that move data or run maintenance raise `DataError`
-subclasses, and `JobFailed` for a job that did not succeed, instead of the
-old ``{"error": ...}`` dicts, so a failed backup cannot pass for a good one.
+failing service, nor for a configuration they cannot use (a bad
+``RAPTORFLOW_DATA_TIMEOUT``, a TLS file missing or unreadable): they report it
+as "unhealthy" (or "critical"), as the old ones did. Calls that move data or
+run maintenance raise `DataError` subclasses, and `JobFailed` for a job that
+did not succeed, instead of the old ``{"error": ...}`` dicts, so a failed
+backup cannot pass for a good one.
 Timestamps are ISO 8601 strings in UTC, so every dict is JSON-ready.
 """
 
@@ -49,6 +56,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import inspect
+import json
 import os
 from collections.abc import AsyncIterator, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,7 +68,7 @@ from uuid import UUID
 
 from google.protobuf import timestamp_pb2
 from raptorflow.data.client._client import DataClient
-from raptorflow.data.client._config import ClientConfig
+from raptorflow.data.client._config import MAX_TIMEOUT_SECONDS, ClientConfig
 from raptorflow.data.client._errors import DataError, FailedPrecondition
 from raptorflow.data.client._maintenance import JobState, job_state
 from raptorflow.data.client._memory import SyncEvent
@@ -150,7 +158,10 @@ def configure(config: ClientConfig | str | None) -> None:
 def client_config() -> ClientConfig:
     """The configuration in effect: `configure()`'s, else the environment's.
 
-    Raises ValueError if ``RAPTORFLOW_DATA_TIMEOUT`` is not a positive number.
+    Raises ValueError if ``RAPTORFLOW_DATA_TIMEOUT`` is not a number of seconds above 0
+    and at most 100 years (`MAX_TIMEOUT_SECONDS`: "inf" would make every call fail at
+    once), and OSError (or ValueError) if a ``RAPTORFLOW_DATA_TLS_*`` file cannot be read
+    (or used).
     """
     if _configured.config is not None:
         return _configured.config
@@ -164,8 +175,11 @@ def client_config() -> ClientConfig:
         timeout = float(timeout_text)
     except ValueError:
         timeout = 0.0
-    if not timeout > 0:
-        raise ValueError(f"{TIMEOUT_ENV}={timeout_text!r} is not a positive number of seconds")
+    if not 0 < timeout <= MAX_TIMEOUT_SECONDS:
+        raise ValueError(
+            f"{TIMEOUT_ENV}={timeout_text!r} is not a number of seconds above 0 and at most"
+            f" {MAX_TIMEOUT_SECONDS:.0f} (100 years)"
+        )
     return ClientConfig(target, token=token, timeout=timeout, **tls)
 
 
@@ -381,10 +395,17 @@ def _system_status(current: Mapping[str, Any]) -> dict[str, Any]:
 
 async def _fetch_current_status(config: ClientConfig | None) -> dict[str, Any]:
     try:
+        # A configuration that cannot be built is unhealthy too: a bad
+        # RAPTORFLOW_DATA_TIMEOUT (ValueError), a TLS file not mounted or not
+        # readable (OSError), a certificate that does not match its key (ValueError).
+        config = config or client_config()
+    except (OSError, ValueError) as err:
+        return _unreachable_status(err)
+    try:
         async with _client(config) as client:
             return _current_status(await client.monitoring.get_status())
     except (DataError, ValueError) as err:
-        # ValueError: a bad RAPTORFLOW_DATA_TIMEOUT, which is unhealthy too.
+        # ValueError: a job state this client does not know (a newer server).
         return _unreachable_status(err)
 
 
@@ -746,9 +767,12 @@ class MemoryController(Protocol):
         """Stores one row under `key` ("<workspace>:<table>:<primary key>").
 
         `value` is ``{"workspace_id", "table", "key", "row"}``: `key` is the
-        primary key in text form (values joined by ","), `row` the row with
-        JSON values: timestamps and dates in ISO 8601, UUIDs and decimals as
-        strings, bytes in base64, JSON columns parsed.
+        primary key in text form, `row` the row with JSON values: timestamps
+        and dates in ISO 8601, UUIDs and decimals as strings, bytes in base64,
+        JSON columns parsed. A one-column key is its value's text ("42"); a
+        key of several columns is a JSON array of their values, in key order
+        (``[7,"a,b"]``), so no two keys of a table share a text form (values
+        joined by "," would: ("a,b", "c") and ("a", "b,c")).
         """
         ...
 
@@ -767,6 +791,15 @@ def _json_safe(value: PyValue) -> JsonValue:
         # A json/jsonb column, parsed: JSON already.
         return dict(value)
     return [_json_safe(item) for item in value]
+
+
+def _key_text(values: Sequence[PyValue]) -> str:
+    """A primary key in text form, as `MemoryController.store_memory` documents it."""
+    if len(values) == 1:
+        return str(values[0])
+    return json.dumps(
+        [_json_safe(value) for value in values], ensure_ascii=False, separators=(",", ":")
+    )
 
 
 @dataclass
@@ -788,7 +821,7 @@ class _SyncRun:
         count = self.counts.setdefault(table, _TableCount())
         key_columns = self.primary_keys[table]
         for row in rows:
-            key = ",".join(str(row[column]) for column in key_columns)
+            key = _key_text([row[column] for column in key_columns])
             value: dict[str, JsonValue] = {
                 "workspace_id": self.workspace_id,
                 "table": table,
