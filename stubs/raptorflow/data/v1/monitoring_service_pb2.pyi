@@ -232,7 +232,8 @@ class SlowQuery(_message.Message):
     SQLSTATE_FIELD_NUMBER: _builtins.int
     statement: _builtins.str
     """Output only. The statement's shape: SQL text with $n placeholders, never
-    the bound values, at most 1,000 characters.
+    the bound values, and $workspace where a transaction's BEGIN names its
+    workspace; at most 1,000 characters.
     """
     method: _builtins.str
     """Output only. The RPC method it ran for; empty for background work."""
