@@ -22,7 +22,7 @@ import grpc
 import pytest
 from conftest import start_server
 from job_helpers import RecordingProgress
-from pg_activity import wait_for_statement_lock_wait
+from pg_activity import wait_for_lock_waits, wait_for_statement_lock_wait
 from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
 from raptorflow.data.server.errors import Code, ServiceError
@@ -381,7 +381,7 @@ async def test_cancelled_cleanup_keeps_finished_batches_only(
         # The third batch reaches this row and waits for the lock.
         await locker.execute(f"SELECT 1 FROM {BLOCKED} WHERE id = $1 FOR UPDATE", last_old)
         job = asyncio.create_task(operations.run(cleanup(BLOCKED), progress))
-        await wait_for_statement_lock_wait(db, f'DELETE FROM "public"."{BLOCKED}"')
+        await wait_for_statement_lock_wait(db, f'SELECT ctid FROM "public"."{BLOCKED}"')
         job.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(job, 10)
@@ -396,6 +396,46 @@ async def test_cancelled_cleanup_keeps_finished_batches_only(
     assert await db.fetchval(f"SELECT count(*) FROM {BLOCKED}") == 510
     pool = server.database.owner_pool
     assert pool.get_idle_size() == pool.get_size()
+
+
+@pytest.mark.parametrize("ending", ["update", "delete", "rollback"])
+async def test_rows_changed_while_a_batch_waits_for_them_still_go(
+    server: RunningServer, db: asyncpg.Connection, database_url: str, ending: str
+) -> None:
+    """The application holds the expired rows while the first batch reaches them, then
+    updates (new ctids), deletes or leaves them. Every expired row still goes: a batch
+    that came up short used to read as "nothing left", and the job ended SUCCEEDED
+    after one batch with most expired rows kept."""
+    rules = [{"table": EVENTS, "column": "created_at", "max_age_seconds": DAY, "batch_size": 10}]
+    operations = operations_with(server, rules)
+    await fill_events(db, EVENTS, old=100, new=5)
+    application = await asyncpg.connect(database_url)
+    try:
+        transaction = application.transaction()
+        await transaction.start()
+        # Every expired row: whichever rows the first batch picks, it meets them.
+        changed = await application.execute(
+            f"{'UPDATE' if ending != 'delete' else 'DELETE FROM'} {EVENTS} "
+            f"{'SET n = 1 ' if ending != 'delete' else ''}"
+            "WHERE created_at < now() - interval '1 day' AND id % 2 = 0"
+        )
+        assert changed.endswith(" 50")
+        job = asyncio.create_task(operations.run(cleanup(EVENTS), RecordingProgress()))
+        await wait_for_lock_waits(db)
+        if ending == "rollback":
+            await transaction.rollback()
+        else:
+            await transaction.commit()
+        result = await asyncio.wait_for(job, 20)
+    finally:
+        await application.close()
+    assert result.tables[0].rows == (50 if ending == "delete" else 100)
+    remaining = await db.fetchrow(
+        f"SELECT count(*) AS rows, min(created_at) > now() - interval '1 day' AS all_new "
+        f"FROM {EVENTS}"
+    )
+    assert remaining is not None
+    assert (remaining["rows"], remaining["all_new"]) == (5, True)
 
 
 # -- through MaintenanceService -------------------------------------------------------

@@ -165,21 +165,37 @@ async def resolve(catalog: CatalogCache, rule: RetentionRule) -> tuple[Table, Co
     return table, table.by_name[rule.column]
 
 
-def delete_statement(table: Table, column: Column) -> str:
-    """One batch: at most $2 rows with `column` before $1, found and deleted in one statement.
+def pick_statement(table: Table, column: Column) -> str:
+    """A batch's first statement: locks at most $2 rows with `column` before $1; their ctids.
 
-    By ctid, so tables without a primary key work too. The outer condition repeats
-    the cutoff because a ctid is unique only within one partition: on a partitioned
-    table a row of another partition with the same ctid must still be expired to go
-    (a batch may then delete a few more rows than $2, never a row it should keep).
-    A row updated between the inner scan and the delete has a new ctid and waits
-    for a later batch. The timestamptz cast makes `timestamp` columns compare in
-    the session's time zone and `date` columns from midnight; both can use an index.
+    Locked FOR UPDATE (as a DELETE would lock them), so nobody changes them before the
+    batch's DELETE (`delete_statement`) reaches them. A row another transaction updates
+    or holds meanwhile is waited for, then re-checked and picked as it is now (at its new
+    ctid) if it is still expired. By ctid, so tables without a primary key work too.
     """
-    condition = f"{column.quoted} < $1::timestamptz"
     return (
-        f"DELETE FROM {table.qualified} WHERE ctid = ANY(ARRAY("
-        f"SELECT ctid FROM {table.qualified} WHERE {condition} LIMIT $2)) AND {condition}"
+        f"SELECT ctid FROM {table.qualified} WHERE {column.quoted} < $1::timestamptz "
+        "LIMIT $2 FOR UPDATE"
+    )
+
+
+def delete_statement(table: Table, column: Column) -> str:
+    """A batch's second statement: deletes the rows the batch picked ($2, ctids).
+
+    A statement of its own, so its snapshot is taken after the pick's lock waits: a row
+    version committed while the pick waited for it is visible to it (in one statement
+    with the pick, it would not be, and the batch would come up a row short, which reads
+    as "nothing left"). So a batch deletes fewer rows than it may pick only when fewer
+    expired rows remain. The condition repeats the cutoff because a ctid is unique only
+    within one partition: on a partitioned table a row of another partition with the same
+    ctid must still be expired to go (a batch may then delete a few more rows than it
+    picked, never a row it should keep). The timestamptz cast makes `timestamp` columns
+    compare in the session's time zone and `date` columns from midnight; both can use an
+    index.
+    """
+    return (
+        f"DELETE FROM {table.qualified} WHERE ctid = ANY($2::tid[]) "
+        f"AND {column.quoted} < $1::timestamptz"
     )
 
 
@@ -217,11 +233,12 @@ async def delete_expired(
             total = 0  # too many rows to count within the statement timeout: "unknown"
     deleted = 0
     await progress.report(phase, done=0, total=total, unit=job_pb2.PROGRESS_UNIT_ROWS)
-    statement = delete_statement(table, column)
+    pick, delete = pick_statement(table, column), delete_statement(table, column)
     while True:
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute(_CUSTOM_PLANS)
-            batch = _deleted(await conn.execute(statement, cutoff, rule.batch_size))
+            picked = [row["ctid"] for row in await conn.fetch(pick, cutoff, rule.batch_size)]
+            batch = _deleted(await conn.execute(delete, cutoff, picked)) if picked else 0
         deleted += batch
         await progress.report(
             phase,
@@ -229,6 +246,9 @@ async def delete_expired(
             total=max(total, deleted) if total else 0,
             unit=job_pb2.PROGRESS_UNIT_ROWS,
         )
+        # Short only when fewer expired rows were left than a batch may take (see
+        # delete_statement). A trigger that cancels deletes also ends the loop here,
+        # rather than picking the same rows for ever.
         if batch < rule.batch_size:
             break
     async with pool.acquire() as conn:
