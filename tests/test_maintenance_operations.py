@@ -315,6 +315,12 @@ async def test_cancelled_reindex_leaves_no_invalid_index(
     after = await db.fetch(INDEXES, REINDEXED)
     assert [(r["name"], r["oid"]) for r in after] == [(r["name"], r["oid"]) for r in before]
     assert all(r["valid"] for r in after)
+    # Nor on its TOAST table, whose index REINDEX TABLE rebuilds too (the owner here is a
+    # superuser, who may name pg_toast's indexes).
+    toast = await db.fetchval(
+        "SELECT reltoastrelid::regclass::text FROM pg_class WHERE oid = $1::regclass", REINDEXED
+    )
+    assert all(r["valid"] for r in await db.fetch(INDEXES, toast))
     # The owner connection went back to the pool with its statement timeout.
     async with server.database.owner_pool.acquire() as conn:
         assert await conn.fetchval("SHOW statement_timeout") == "10s"
@@ -332,6 +338,70 @@ async def test_owner_connections_keep_their_statement_timeout(
     finally:
         for conn in connections:
             await pool.release(conn)
+
+
+EXCLUDING = "ops_excluding"
+LEFTOVER = "ops_leftover"
+
+
+@pytest.fixture
+async def partly_reindexable(db: asyncpg.Connection, server: RunningServer) -> AsyncIterator[None]:
+    """Two exposed tables with an index REINDEX CONCURRENTLY must skip: an exclusion
+    constraint's, and one left invalid by a failed CREATE UNIQUE INDEX CONCURRENTLY."""
+    await db.execute(
+        f"""CREATE TABLE {EXCLUDING} (id bigint PRIMARY KEY, workspace_id uuid NOT NULL,
+                room int NOT NULL, EXCLUDE USING btree (room WITH =));
+            CREATE TABLE {LEFTOVER} (id bigint PRIMARY KEY, workspace_id uuid NOT NULL, v int);
+            INSERT INTO {EXCLUDING} SELECT g, gen_random_uuid(), g FROM generate_series(1, 50) g;
+            INSERT INTO {LEFTOVER} SELECT g, gen_random_uuid(), 1 FROM generate_series(1, 50) g;"""
+    )
+    with contextlib.suppress(asyncpg.UniqueViolationError):
+        await db.execute(f"CREATE UNIQUE INDEX CONCURRENTLY {LEFTOVER}_v ON {LEFTOVER} (v)")
+    await server.catalog.reload()
+    try:
+        yield
+    finally:
+        await db.execute(f"DROP TABLE {EXCLUDING}, {LEFTOVER}")
+        await server.catalog.reload()
+
+
+async def test_reindex_reports_indexes_it_cannot_rebuild_concurrently_and_goes_on(
+    operations: Operations,
+    db: asyncpg.Connection,
+    database_url: str,
+    partly_reindexable: None,
+) -> None:
+    """PostgreSQL rebuilds a table's other indexes and only warns about those it cannot
+    rebuild concurrently: the job used to fail there ("did not run") and leave every
+    later table alone."""
+    await fill(database_url, REINDEXED, 100)
+    tables = [EXCLUDING, LEFTOVER, REINDEXED]
+    before = {table: {r["name"]: r for r in await db.fetch(INDEXES, table)} for table in tables}
+    assert not before[LEFTOVER][f"{LEFTOVER}_v"]["valid"]
+
+    result = await operations.run(spec_of("reindex", tables), RecordingProgress())
+
+    assert [(r.table, r.action) for r in result.tables] == [
+        (table, "REINDEX TABLE CONCURRENTLY") for table in tables
+    ]
+    excluding, leftover, reindexed = result.tables
+    assert [n for n in excluding.notices if "skipping" in n] == [
+        f'cannot reindex exclusion constraint index "public.{EXCLUDING}_room_excl" '
+        "concurrently, skipping"
+    ]
+    assert [n for n in leftover.notices if "skipping" in n] == [
+        f'cannot reindex invalid index "public.{LEFTOVER}_v" concurrently, skipping'
+    ]
+    assert list(reindexed.notices) == []
+    after = {table: {r["name"]: r for r in await db.fetch(INDEXES, table)} for table in tables}
+    skipped = {f"{EXCLUDING}_room_excl", f"{LEFTOVER}_v"}
+    for table in tables:
+        # The same indexes (the skipped ones as they were, the invalid one still invalid
+        # and still there: not the job's to drop), every other one rebuilt.
+        assert after[table].keys() == before[table].keys()
+        for name, index in after[table].items():
+            assert (index["oid"] == before[table][name]["oid"]) == (name in skipped), name
+            assert index["valid"] == (name != f"{LEFTOVER}_v"), name
 
 
 # -- checks -------------------------------------------------------------------------
@@ -487,6 +557,23 @@ async def test_analyze_and_reindex_jobs_over_rpc(
         job = (await finished(maintenance, started.job.job_id))[-1]
         assert job.state == job_pb2.JOB_STATE_SUCCEEDED, job.error
         assert [(r.table, r.action) for r in job.result.tables] == [(ANALYZED, action)]
+
+
+async def test_a_reindex_job_that_skips_an_index_succeeds_and_says_so(
+    maintenance: maintenance_service_pb2_grpc.MaintenanceServiceStub,
+    database_url: str,
+    partly_reindexable: None,
+) -> None:
+    await fill(database_url, ANALYZED, 100)
+    started = await maintenance.StartJob(
+        pb.StartJobRequest(spec=spec_of("reindex", [EXCLUDING, ANALYZED]))
+    )
+    job = (await finished(maintenance, started.job.job_id))[-1]
+    assert job.state == job_pb2.JOB_STATE_SUCCEEDED, job.error
+    assert [r.table for r in job.result.tables] == [EXCLUDING, ANALYZED]
+    assert any(f"{EXCLUDING}_room_excl" in n for n in job.result.tables[0].notices)
+    fetched = await maintenance.GetJob(pb.GetJobRequest(job_id=job.job_id))
+    assert fetched.job.result == job.result
 
 
 async def test_start_job_refuses_unknown_tables(

@@ -207,7 +207,13 @@ Global___AnalyzeJob: _TypeAlias = AnalyzeJob  # noqa: Y015
 @_typing.final
 class ReindexJob(_message.Message):
     """Parameters of a REINDEX job. Indexes are rebuilt CONCURRENTLY, so reads and
-    writes go on meanwhile.
+    writes go on meanwhile. PostgreSQL cannot rebuild some indexes concurrently
+    (an exclusion constraint's index, an index left invalid by a failed CREATE
+    INDEX CONCURRENTLY): it leaves just those as they are and rebuilds the
+    others. The job then goes on with the next table and succeeds; the table's
+    TableReport lists each index skipped in `notices`. Only a table the owner
+    role may not reindex fails the job (FAILED_PRECONDITION, reason
+    INSUFFICIENT_PRIVILEGE).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -578,6 +584,7 @@ class TableReport(_message.Message):
     SIZE_BYTES_BEFORE_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_AFTER_FIELD_NUMBER: _builtins.int
     DURATION_MS_FIELD_NUMBER: _builtins.int
+    NOTICES_FIELD_NUMBER: _builtins.int
     table: _builtins.str
     """Output only. The table's name, as exposed."""
     action: _builtins.str
@@ -603,6 +610,16 @@ class TableReport(_message.Message):
     """Output only. The table's total size with indexes in bytes after the job."""
     duration_ms: _builtins.float
     """Output only. How long the work on this table took, in milliseconds."""
+    @_builtins.property
+    def notices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only. For vacuum, analyze and reindex jobs: PostgreSQL's WARNING
+        and NOTICE messages about this table that did not fail the job, verbatim
+        and in order, for example 'cannot reindex exclusion constraint index
+        "public.bookings_room_excl" concurrently, skipping' (that index was not
+        rebuilt; the table's other indexes were). Empty when PostgreSQL said
+        nothing.
+        """
+
     def __init__(
         self,
         *,
@@ -614,10 +631,11 @@ class TableReport(_message.Message):
         size_bytes_before: _builtins.int = ...,
         size_bytes_after: _builtins.int = ...,
         duration_ms: _builtins.float = ...,
+        notices: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "dead_rows_after", b"dead_rows_after", "dead_rows_before", b"dead_rows_before", "duration_ms", b"duration_ms", "rows", b"rows", "size_bytes_after", b"size_bytes_after", "size_bytes_before", b"size_bytes_before", "table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "dead_rows_after", b"dead_rows_after", "dead_rows_before", b"dead_rows_before", "duration_ms", b"duration_ms", "notices", b"notices", "rows", b"rows", "size_bytes_after", b"size_bytes_after", "size_bytes_before", b"size_bytes_before", "table", b"table"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -19,7 +19,11 @@ construction and keep the pool's statement_timeout.
 
 An interrupted REINDEX CONCURRENTLY (cancelled, failed) leaves invalid `_ccnew`
 or `_ccold` indexes that PostgreSQL keeps updating on every write; the job drops
-the ones it created (DROP INDEX CONCURRENTLY) before it ends.
+the ones it created (DROP INDEX CONCURRENTLY) before it ends. Some indexes cannot
+be rebuilt concurrently at all (an exclusion constraint's, one left invalid by an
+earlier failed CREATE INDEX CONCURRENTLY): PostgreSQL warns and skips just those
+and rebuilds the rest, so the table's report lists the warning (`notices`) and the
+job goes on. Only a skip for want of ownership or privileges fails a job.
 
 Statistics: dead rows come from pg_stat_all_tables.n_dead_tup. PostgreSQL 15
 updates it asynchronously for ordinary writes (each backend flushes its counts
@@ -34,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -50,6 +55,13 @@ from raptorflow.data.v1 import job_pb2
 log = logging.getLogger(__name__)
 
 INSUFFICIENT_PRIVILEGE = "INSUFFICIENT_PRIVILEGE"
+# PostgreSQL's notices a table's report carries (TableReport.notices): what it said about
+# the work beyond success. INFO, LOG and DEBUG are chatter.
+_REPORTED_SEVERITIES = frozenset({"WARNING", "NOTICE"})
+# REINDEX CONCURRENTLY leaving out one index it cannot rebuild that way, for example
+# 'cannot reindex exclusion constraint index "public.x_excl" concurrently, skipping' or
+# 'cannot reindex invalid index "public.x_idx" concurrently, skipping'.
+_ONE_INDEX_SKIPPED = re.compile(r'cannot reindex .*\bindex ".+" concurrently, skipping', re.I)
 
 _STATS_SQL = """
 SELECT pg_total_relation_size(c.oid) AS size_bytes,
@@ -61,12 +73,20 @@ FROM pg_catalog.pg_class c
 LEFT JOIN pg_catalog.pg_stat_all_tables s ON s.relid = c.oid
 WHERE c.oid = $1::regclass
 """
+# Invalid indexes of the table, of its partitions and of their TOAST tables: REINDEX TABLE
+# CONCURRENTLY rebuilds all of those, so an interrupted one can leave a `_ccnew` on each.
 _INVALID_INDEXES_SQL = """
+WITH tables AS (
+    SELECT t.oid, t.reltoastrelid FROM pg_catalog.pg_class t
+    WHERE t.oid = $1::regclass
+       OR t.oid IN (SELECT relid FROM pg_catalog.pg_partition_tree($1::regclass))
+)
 SELECT i.indexrelid AS oid, n.nspname AS schema, c.relname AS name
 FROM pg_catalog.pg_index i
 JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-WHERE i.indrelid = $1::regclass AND NOT i.indisvalid
+WHERE NOT i.indisvalid
+  AND (i.indrelid IN (SELECT oid FROM tables) OR i.indrelid IN (SELECT reltoastrelid FROM tables))
 """
 
 
@@ -105,7 +125,12 @@ def insufficient_privilege(statement: Statement, table: Table, said: str) -> Ser
 def _skip_error(
     statement: Statement, table: Table, message: asyncpg.PostgresLogMessage
 ) -> ServiceError | None:
-    """The error a notice means, if it says PostgreSQL skipped the table."""
+    """The error a notice means, if it says PostgreSQL skipped the table.
+
+    Lacking ownership or privileges is INSUFFICIENT_PRIVILEGE; any other skip of the
+    whole table is TABLE_SKIPPED. A REINDEX CONCURRENTLY that leaves out single
+    indexes rebuilt the others: that notice is no error, only reported.
+    """
     text = message.message or ""
     lowered = text.lower()
     if (
@@ -114,7 +139,7 @@ def _skip_error(
         or ("skipping" in lowered and "owner" in lowered)
     ):
         return insufficient_privilege(statement, table, text)
-    if "skipping" in lowered:
+    if "skipping" in lowered and not _ONE_INDEX_SKIPPED.search(text):
         return ServiceError(
             Code.FAILED_PRECONDITION,
             "TABLE_SKIPPED",
@@ -147,8 +172,9 @@ async def without_statement_timeout(conn: Connection) -> AsyncIterator[None]:
     await _reset_statement_timeout(conn)
 
 
-async def _run_watched(conn: Connection, statement: Statement, table: Table) -> None:
-    """Runs the statement with its notices captured; a skip becomes a ServiceError."""
+async def _run_watched(conn: Connection, statement: Statement, table: Table) -> list[str]:
+    """Runs the statement with its notices captured; a skip of the table becomes a
+    ServiceError. Returns the WARNING and NOTICE messages that did not fail it."""
     notices: list[asyncpg.PostgresLogMessage] = []
 
     def collect(
@@ -168,11 +194,18 @@ async def _run_watched(conn: Connection, statement: Statement, table: Table) -> 
         raise insufficient_privilege(statement, table, str(exc.args[0])) from None
     finally:
         conn.remove_log_listener(collect)
+    reported: list[str] = []
     for notice in notices:
         error = _skip_error(statement, table, notice)
         if error is not None:
             raise error
-        log.info("%s %s: %s", statement.action, table.name, notice.message)
+        severity = notice.severity_en or notice.severity or ""
+        if severity.upper() in _REPORTED_SEVERITIES and notice.message:
+            reported.append(notice.message)
+            log.warning("%s %s: %s", statement.action, table.name, notice.message)
+        else:
+            log.info("%s %s: %s", statement.action, table.name, notice.message)
+    return reported
 
 
 async def maintain_table(
@@ -182,7 +215,9 @@ async def maintain_table(
 
     A role that may not maintain the table gets a WARNING (VACUUM, ANALYZE) or an
     error (REINDEX); both become INSUFFICIENT_PRIVILEGE. The counter check catches a
-    skip whose warning never reached us (client_min_messages above WARNING).
+    skip whose warning never reached us (client_min_messages above WARNING). Other
+    warnings (a REINDEX CONCURRENTLY that skipped single indexes) are in the report's
+    `notices`.
     """
     before = await conn.fetchrow(_STATS_SQL, table.qualified)
     invalid_before: set[int] = set()
@@ -190,7 +225,7 @@ async def maintain_table(
         invalid_before = {row["oid"] for row in await _invalid_indexes(conn, table)}
     started = time.perf_counter()
     try:
-        await _run_watched(conn, statement, table)
+        notices = await _run_watched(conn, statement, table)
     except BaseException:
         if statement is REINDEX:
             await drop_new_invalid_indexes(conn, table, invalid_before)
@@ -217,6 +252,7 @@ async def maintain_table(
         size_bytes_before=before["size_bytes"],
         size_bytes_after=after["size_bytes"],
         duration_ms=duration_ms,
+        notices=notices,
     )
     if statement.reports_dead_rows:
         report.dead_rows_before = before["dead_rows"]
@@ -233,14 +269,20 @@ async def drop_new_invalid_indexes(conn: Connection, table: Table, before: set[i
 
     PostgreSQL keeps maintaining such an index on every write until it is dropped.
     Only indexes that were not invalid before this job are touched; names come
-    from the catalog and are quoted. Never raises: a failure is logged.
+    from the catalog and are quoted. Never raises: a failure is logged. (A TOAST
+    table's leftover needs a superuser: other roles may not name the pg_toast
+    schema. A later reindex then reports it in its notices.)
     """
     try:
         for row in await _invalid_indexes(conn, table):
             if row["oid"] in before:
                 continue
             name = f"{quote_ident(row['schema'])}.{quote_ident(row['name'])}"
-            await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+            try:
+                await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+            except asyncpg.PostgresError as exc:  # this one stays; the others still go
+                log.warning("could not drop index %s left invalid by a reindex: %s", name, exc)
+                continue
             log.warning("dropped index %s left invalid by an interrupted reindex", name)
     except (Exception, asyncio.CancelledError) as exc:
         log.warning(
