@@ -27,11 +27,12 @@ import grpc
 import pytest
 from conftest import ODD_TABLE, start_server
 from job_helpers import RecordingProgress, watch_to_end
-from pg_activity import assert_no_new_backends, service_backends
+from pg_activity import assert_no_new_backends, service_backends, wait_for_statement_lock_wait
 from raptorflow.data.server.app import RunningServer
 from raptorflow.data.server.config import Settings
-from raptorflow.data.server.errors import ServiceError
-from raptorflow.data.server.maintenance import backup_file
+from raptorflow.data.server.db.failures import to_service_error
+from raptorflow.data.server.errors import Code, ServiceError
+from raptorflow.data.server.maintenance import backup_file, backup_stream
 from raptorflow.data.v1 import job_pb2, maintenance_service_pb2, maintenance_service_pb2_grpc
 from server_process import serving
 from statuses import rpc_error
@@ -1209,3 +1210,391 @@ async def read_all(reader: backup_file.BackupReader) -> None:
     async with contextlib.aclosing(reader.messages()) as messages:
         async for _ in messages:
             pass
+
+
+# ---------------------------------------------------------------------------
+# Tables as they are in the backup's own transaction, not as the cached catalog says
+
+STALE = "backup_stale"
+
+
+@pytest.fixture(scope="module")
+async def stale_server(settings: Settings, seeded: Workspaces) -> AsyncIterator[RunningServer]:
+    """A server whose catalog is reloaded only when a test says so: its cached columns go
+    stale on purpose (the default timer, 30 s, leaves the same window)."""
+    running = await start_server(settings, catalog_refresh_seconds=3600.0)
+    try:
+        yield running
+    finally:
+        await running.stop(grace=1.0)
+
+
+@pytest.fixture
+async def stale_table(stale_server: RunningServer, db: asyncpg.Connection) -> AsyncIterator[Stub]:
+    """STALE as the server's catalog knows it, and a stub of that server; dropped after."""
+    await db.execute(
+        f"CREATE TABLE {STALE} (id bigint PRIMARY KEY, workspace_id uuid NOT NULL, a text, "
+        "gone text)"
+    )
+    await stale_server.catalog.reload()
+    try:
+        async with authorized_channel(stale_server.address) as channel:
+            yield Stub(channel)
+    finally:
+        kind = await db.fetchval(
+            "SELECT relkind::text FROM pg_class WHERE oid = $1::regclass", STALE
+        )
+        await db.execute(f"DROP {'VIEW' if kind == 'v' else 'TABLE'} {STALE}")
+        await stale_server.catalog.reload()
+
+
+async def stale_rows(db: asyncpg.Connection) -> list[str]:
+    return [r[0] for r in await db.fetch(f"SELECT t::text FROM {STALE} t ORDER BY id")]
+
+
+async def test_a_backup_holds_the_columns_the_table_has_now(
+    stale_table: Stub, db: asyncpg.Connection
+) -> None:
+    """A migration since the server last read its catalog: the backup used to leave the new
+    column out (its values lost on restore) and fail on the dropped one."""
+    stub = stale_table
+    workspace = uuid.uuid4()
+    await db.execute(f"ALTER TABLE {STALE} ADD COLUMN b text, DROP COLUMN gone")
+    await db.execute(
+        f"INSERT INTO {STALE} VALUES (1, $1, 'a1', 'precious b1'), (2, $1, 'a2', NULL)",
+        workspace,
+    )
+    before = await stale_rows(db)
+    for backup_scope in (scope(str(workspace), [STALE]), scope("", [STALE])):
+        messages = await export(stub, backup_scope)
+        (table,) = messages[0].header.tables
+        assert list(table.columns) == ["id", "workspace_id", "a", "b"]
+        assert list(table.column_types) == ["bigint", "uuid", "text", "text"]
+        await db.execute(f"DELETE FROM {STALE}")
+        response = await restore(stub, messages)
+        assert [(t.table, t.row_count) for t in response.tables] == [(STALE, 2)]
+        assert await stale_rows(db) == before
+
+    # A restore checks the backup against the table as it is now, cache or not.
+    await db.execute(f"ALTER TABLE {STALE} ADD COLUMN c integer")
+    await db.execute(f"DELETE FROM {STALE}")
+    failure = await rpc_error(restore(stub, messages))
+    assert (failure.code, failure.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "TABLE_CHANGED")
+    assert "'c' is not in the backup" in failure.message
+    assert await stale_rows(db) == []
+
+
+async def test_a_table_replaced_by_a_view_is_a_changed_table(
+    stale_table: Stub, db: asyncpg.Connection
+) -> None:
+    stub = stale_table
+    workspace = uuid.uuid4()
+    await db.execute(f"INSERT INTO {STALE} VALUES (1, $1, 'a1', 'g1')", workspace)
+    messages = await export(stub, scope(str(workspace), [STALE]))
+    await db.execute(f"DROP TABLE {STALE}")
+    await db.execute(
+        f"CREATE VIEW {STALE} AS SELECT 1::bigint AS id, "
+        f"'{workspace}'::uuid AS workspace_id, 'a1'::text AS a, 'g1'::text AS gone"
+    )
+    # Every workspace's export used to reach COPY with the view and fail as INTERNAL.
+    for backup_scope in (scope(str(workspace), [STALE]), scope("", [STALE])):
+        failure = await rpc_error(export(stub, backup_scope))
+        assert (failure.code, failure.reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "TABLE_CHANGED",
+        )
+    failure = await rpc_error(restore(stub, messages))
+    assert (failure.code, failure.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "TABLE_CHANGED")
+
+
+def test_a_wrong_object_type_is_a_failed_precondition() -> None:
+    """SQLSTATE 42809 (a statement met an object of another kind, such as a partitioned
+    table where COPY wants a plain one) used to fall through to INTERNAL."""
+    error = to_service_error(
+        asyncpg.exceptions.WrongObjectTypeError('cannot copy from partitioned table "x"')
+    )
+    assert (error.code, error.reason) == (Code.FAILED_PRECONDITION, "WRONG_OBJECT_TYPE")
+
+
+REWRITE_FIRST = "backup_rewrite_first"
+REWRITE_SECOND = "backup_rewrite_second"
+
+
+async def test_a_table_altered_during_a_backup_keeps_its_rows(
+    maintenance: Stub, server: RunningServer, db: asyncpg.Connection, database_url: str
+) -> None:
+    """An ALTER TABLE that rewrites a table the backup has not reached yet waits for it: a
+    rewrite committed after the backup's snapshot made the table look empty to it."""
+    workspace = uuid.uuid4()
+    await db.execute(
+        f"CREATE TABLE {REWRITE_FIRST} (id bigint PRIMARY KEY, workspace_id uuid NOT NULL, "
+        f"pad text); CREATE TABLE {REWRITE_SECOND} (id bigint PRIMARY KEY, "
+        "workspace_id uuid NOT NULL, n integer)"
+    )
+    migration: asyncio.Task[str] | None = None
+    migrator = await asyncpg.connect(database_url)
+    try:
+        # About 4 MB of COPY data first: the export stalls in it while nobody reads.
+        await db.execute(
+            f"INSERT INTO {REWRITE_FIRST} SELECT g, $1, repeat('x', 2000) "
+            "FROM generate_series(1, 2000) g",
+            workspace,
+        )
+        await db.execute(
+            f"INSERT INTO {REWRITE_SECOND} SELECT g, $1, g FROM generate_series(1, 50) g",
+            workspace,
+        )
+        await server.catalog.reload()
+        call = maintenance.ExportBackup(
+            pb.ExportBackupRequest(
+                scope=scope(str(workspace), [REWRITE_FIRST, REWRITE_SECOND]), chunk_bytes=4096
+            ),
+            timeout=30,
+        )
+        first = await call.read()
+        assert isinstance(first, pb.ExportBackupResponse)
+        assert [t.name for t in first.header.tables] == [REWRITE_FIRST, REWRITE_SECOND]
+        migration = asyncio.create_task(
+            migrator.execute(f"ALTER TABLE {REWRITE_SECOND} ALTER COLUMN n TYPE bigint")
+        )
+        await wait_for_statement_lock_wait(db, "ALTER TABLE", within=5.0)
+        messages = [first]
+        while (message := await call.read()) is not grpc.aio.EOF:
+            assert isinstance(message, pb.ExportBackupResponse)
+            messages.append(message)
+        assert [(t.table, t.row_count) for t in messages[-1].manifest.tables] == [
+            (REWRITE_FIRST, 2000),
+            (REWRITE_SECOND, 50),
+        ]
+        await asyncio.wait_for(migration, 10)
+    finally:
+        if migration is not None and not migration.done():
+            migration.cancel()
+            with contextlib.suppress(BaseException):
+                await migration
+        await migrator.close()
+        await db.execute(f"DROP TABLE {REWRITE_FIRST}, {REWRITE_SECOND}")
+        await server.catalog.reload()
+
+
+# ---------------------------------------------------------------------------
+# Tables that reference each other
+
+PROJECTS = "backup_cycle_projects"
+TASKS = "backup_cycle_tasks"
+
+
+@contextlib.asynccontextmanager
+async def cycle_tables(
+    server: RunningServer, db: asyncpg.Connection, project_key: str, lead_key: str
+) -> AsyncIterator[None]:
+    """Projects and their tasks: tasks.project_id (NOT NULL) references a project with
+    `project_key`, projects.lead_task (nullable) a task with `lead_key`."""
+    await db.execute(
+        f"""CREATE TABLE {PROJECTS} (id bigint PRIMARY KEY, workspace_id uuid NOT NULL,
+                lead_task bigint);
+            CREATE TABLE {TASKS} (id bigint PRIMARY KEY, workspace_id uuid NOT NULL,
+                project_id bigint NOT NULL REFERENCES {PROJECTS} (id) {project_key});
+            ALTER TABLE {PROJECTS} ADD CONSTRAINT {PROJECTS}_lead FOREIGN KEY (lead_task)
+                REFERENCES {TASKS} (id) {lead_key};"""
+    )
+    await server.catalog.reload()
+    try:
+        yield
+    finally:
+        await db.execute(f"DROP TABLE {PROJECTS}, {TASKS} CASCADE")
+        await server.catalog.reload()
+
+
+async def cycle_rows(db: asyncpg.Connection) -> dict[str, list[str]]:
+    return {
+        table: [r[0] for r in await db.fetch(f"SELECT t::text FROM {table} t ORDER BY id")]
+        for table in (PROJECTS, TASKS)
+    }
+
+
+async def fill_cycle(db: asyncpg.Connection, workspace: uuid.UUID, leads: bool) -> None:
+    """Two projects with two tasks each, written the ordinary way: projects, then their
+    tasks, then (`leads`) each project points at its lead task, closing the cycle."""
+    await db.execute(
+        f"INSERT INTO {PROJECTS} VALUES (1, $1, NULL), (2, $1, NULL), (3, $1, NULL)", workspace
+    )
+    await db.execute(
+        f"INSERT INTO {TASKS} VALUES (10, $1, 1), (11, $1, 1), (20, $1, 2), (21, $1, 2)",
+        workspace,
+    )
+    if leads:
+        await db.execute(f"UPDATE {PROJECTS} SET lead_task = id * 10 + 1 WHERE id < 3")
+
+
+async def empty_cycle(db: asyncpg.Connection) -> None:
+    await db.execute(f"UPDATE {PROJECTS} SET lead_task = NULL")
+    await db.execute(f"DELETE FROM {TASKS}")
+    await db.execute(f"DELETE FROM {PROJECTS}")
+
+
+@pytest.mark.parametrize(
+    ("project_key", "lead_key"),
+    [("DEFERRABLE", "DEFERRABLE"), ("", "DEFERRABLE"), ("DEFERRABLE INITIALLY DEFERRED", "")],
+    ids=["both-deferrable", "lead-deferrable", "project-deferrable"],
+)
+async def test_tables_that_reference_each_other_round_trip(
+    maintenance: Stub,
+    server: RunningServer,
+    db: asyncpg.Connection,
+    project_key: str,
+    lead_key: str,
+) -> None:
+    """Rows that reference each other across two tables, through keys of which at least one
+    is DEFERRABLE: the restore checks those at COMMIT. Such a backup used to be refused,
+    replacing or not (FOREIGN_KEY_VIOLATION), though the export had succeeded."""
+    workspace = uuid.uuid4()
+    async with cycle_tables(server, db, project_key, lead_key):
+        await fill_cycle(db, workspace, leads=True)
+        before = await cycle_rows(db)
+        # Children first as asked: the backup orders them so the keys that are not
+        # DEFERRABLE hold table by table.
+        messages = await export(maintenance, scope(str(workspace), [TASKS, PROJECTS]))
+        order = [t.name for t in messages[0].header.tables]
+        assert order == ([TASKS, PROJECTS] if project_key else [PROJECTS, TASKS])
+
+        response = await restore(maintenance, messages, replace_existing=True)
+        assert response.replaced_row_count == 7
+        assert await cycle_rows(db) == before
+
+        await empty_cycle(db)
+        response = await restore(maintenance, messages)
+        assert [t.row_count for t in response.tables] == ([4, 3] if project_key else [3, 4])
+        assert await cycle_rows(db) == before
+
+
+async def test_a_cycle_of_keys_that_are_not_deferrable_is_refused_clearly(
+    maintenance: Stub, server: RunningServer, db: asyncpg.Connection
+) -> None:
+    workspace = uuid.uuid4()
+    async with cycle_tables(server, db, "", ""):
+        # No row closes the cycle: the nullable key is the one the order breaks.
+        await fill_cycle(db, workspace, leads=False)
+        before = await cycle_rows(db)
+        messages = await export(maintenance, scope(str(workspace), [TASKS, PROJECTS]))
+        assert [t.name for t in messages[0].header.tables] == [PROJECTS, TASKS]
+        await restore(maintenance, messages, replace_existing=True)
+        await empty_cycle(db)
+        await restore(maintenance, messages)
+        assert await cycle_rows(db) == before
+
+        # Rows that reference each other around the cycle load in no order.
+        await db.execute(f"UPDATE {PROJECTS} SET lead_task = id * 10 + 1 WHERE id < 3")
+        before = await cycle_rows(db)
+        messages = await export(maintenance, scope(str(workspace), [PROJECTS, TASKS]))
+        for replace_existing in (True, False):
+            if not replace_existing:
+                await empty_cycle(db)
+            failure = await rpc_error(restore(maintenance, messages, replace_existing))
+            assert (failure.code, failure.reason) == (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "FOREIGN_KEY_CYCLE",
+            ), failure.message
+            assert failure.metadata["constraint"] in {
+                f"{PROJECTS}_lead",
+                f"{TASKS}_project_id_fkey",
+            }
+            assert "DEFERRABLE" in failure.message
+            # Nothing written.
+            assert await cycle_rows(db) == (
+                before if replace_existing else {PROJECTS: [], TASKS: []}
+            )
+            await no_open_transactions(db)
+
+
+# ---------------------------------------------------------------------------
+# Partitioned tables
+
+PARTITIONED = "backup_partitioned"
+
+
+async def test_a_partitioned_table_round_trips_for_every_workspace(
+    maintenance: Stub, server: RunningServer, db: asyncpg.Connection
+) -> None:
+    """`COPY table TO` refuses a partitioned table: a backup of every workspace failed."""
+    await db.execute(
+        f"""CREATE TABLE {PARTITIONED} (id bigint NOT NULL, workspace_id uuid NOT NULL,
+                created_at timestamptz NOT NULL, body text) PARTITION BY RANGE (created_at);
+            CREATE TABLE {PARTITIONED}_old PARTITION OF {PARTITIONED}
+                FOR VALUES FROM (MINVALUE) TO ('2024-01-01');
+            CREATE TABLE {PARTITIONED}_new PARTITION OF {PARTITIONED}
+                FOR VALUES FROM ('2024-01-01') TO (MAXVALUE);"""
+    )
+    try:
+        await server.catalog.reload()
+        for workspace in (uuid.uuid4(), uuid.uuid4()):
+            await db.execute(
+                f"INSERT INTO {PARTITIONED} SELECT g, $1, "
+                "timestamptz '2023-12-31' + g * interval '1 hour', 'row ' || g "
+                "FROM generate_series(1, 40) g",
+                workspace,
+            )
+        select = f"SELECT t::text FROM {PARTITIONED} t ORDER BY workspace_id, id"
+        before = [r[0] for r in await db.fetch(select)]
+        messages = await export(maintenance, scope("", [PARTITIONED]))
+        assert [(t.table, t.row_count) for t in messages[-1].manifest.tables] == [(PARTITIONED, 80)]
+        await db.execute(f"DELETE FROM {PARTITIONED}")
+        response = await restore(maintenance, messages)
+        assert [t.row_count for t in response.tables] == [80]
+        assert [r[0] for r in await db.fetch(select)] == before
+        response = await restore(maintenance, messages, replace_existing=True)
+        assert response.replaced_row_count == 80
+        assert [r[0] for r in await db.fetch(select)] == before
+    finally:
+        await db.execute(f"DROP TABLE {PARTITIONED}")
+        await server.catalog.reload()
+
+
+# ---------------------------------------------------------------------------
+# Message and file name limits
+
+BLOBS = "backup_blobs"
+
+
+async def test_the_largest_chunk_size_fits_a_default_channel(
+    maintenance: Stub, server: RunningServer, db: asyncpg.Connection
+) -> None:
+    """chunk_bytes 4,194,304 read through a channel with gRPC's default 4 MiB receive limit
+    (this module's channel): chunks of that much data made messages a little larger."""
+    workspace = uuid.uuid4()
+    await db.execute(
+        f"CREATE TABLE {BLOBS} (id int PRIMARY KEY, workspace_id uuid NOT NULL, b bytea)"
+    )
+    try:
+        await server.catalog.reload()
+        blob = os.urandom(5 << 20)
+        await db.execute(f"INSERT INTO {BLOBS} VALUES (1, $1, $2)", workspace, blob)
+        messages = await export(maintenance, scope(str(workspace), [BLOBS]), chunk_bytes=4 << 20)
+        chunks = chunks_of(messages)
+        assert len(chunks[0].data) == backup_stream.LARGEST_CHUNK_DATA
+        assert all(m.ByteSize() <= 4 << 20 for m in messages)
+        await db.execute(f"DELETE FROM {BLOBS}")
+        await restore(maintenance, messages)
+        assert await db.fetchval(f"SELECT b FROM {BLOBS} WHERE id = 1") == blob
+    finally:
+        await db.execute(f"DROP TABLE {BLOBS}")
+        await server.catalog.reload()
+    # The documented range is still accepted; a server with a lower message limit cuts
+    # chunks to fit that instead.
+    assert backup_stream.chunk_bytes(4 << 20, 64 << 20) == (4 << 20) - 1024
+    assert backup_stream.chunk_bytes(4 << 20, 1 << 20) == (1 << 20) - 1024
+    assert backup_stream.chunk_bytes(0, 64 << 20) == 1 << 20
+    assert backup_stream.chunk_bytes(4096, 64 << 20) == 4096
+
+
+async def test_a_backup_file_name_of_255_bytes_works(
+    file_server: RunningServer, backup_dir: Path, seeded: Workspaces
+) -> None:
+    """The longest name a file system takes: the temporary file's name, which used to be
+    the target's with 17 bytes added, was too long."""
+    name = "n" * 251 + ".bak"
+    spec = job_pb2.BackupToFileJob(scope=scope(seeded.first), path=f"long/{name}")
+    await file_server.maintenance.backups.check_backup_file(spec, "spec.backup_to_file")
+    result = await file_server.maintenance.backups.backup_to_file(spec, RecordingProgress())
+    assert result.backup_path == f"long/{name}"
+    assert os.listdir(backup_dir / "long") == [name]

@@ -29,7 +29,11 @@ class ExportBackupRequest(_message.Message):
     CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     chunk_bytes: _builtins.int
     """Optional. The most COPY data bytes per chunk, from 4,096 to 4,194,304;
-    0 means 1,048,576.
+    0 means 1,048,576. A chunk's data is at most the smaller of chunk_bytes
+    and 4,193,280 (4 MiB less 1 KiB), so that every ExportBackupResponse,
+    with its table name, sequence and checksum, fits gRPC's default 4 MiB
+    receive limit; a server whose own message limit is lower cuts chunks to
+    fit that instead. Values outside the range are INVALID_ARGUMENT.
     """
     @_builtins.property
     def scope(self) -> _job_pb2.BackupScope:

@@ -115,9 +115,15 @@ class MaintenanceServiceServicer:
 
     def ExportBackup(self, request, context):
         """Streams a backup: one BackupHeader, then BackupChunk messages, then one
-        BackupManifest. Returns INVALID_ARGUMENT if the workspace id is not a
-        UUID or a table is not exposed, and DEADLINE_EXCEEDED if the deadline
-        passes first (the snapshot transaction is rolled back).
+        BackupManifest. The header lists each table's columns as they are in the
+        backup's snapshot. The backup's tables are locked (ACCESS SHARE) from
+        before the snapshot until the stream ends, as pg_dump does: reads and
+        writes go on, an ALTER TABLE or TRUNCATE of them waits. Returns
+        INVALID_ARGUMENT if the workspace id is not a UUID or a table is not
+        exposed, FAILED_PRECONDITION (reason TABLE_CHANGED) if a table was
+        dropped or replaced since the server last read its catalog, and
+        DEADLINE_EXCEEDED if the deadline passes first (the snapshot transaction
+        is rolled back).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,6 +146,13 @@ class MaintenanceServiceServicer:
         key ON DELETE CASCADE, SET NULL or SET DEFAULT, and FAILED_PRECONDITION
         (reason FOREIGN_KEY_VIOLATION) when it has such rows through a NO ACTION
         or RESTRICT key. Both are refused before anything is written.
+
+        DEFERRABLE foreign keys are checked at COMMIT, so tables that reference
+        each other (a cycle of keys) restore whatever rows they hold. A cycle of
+        keys that are not DEFERRABLE is checked statement by statement: a backup
+        whose rows reference each other around it returns FAILED_PRECONDITION
+        (reason FOREIGN_KEY_CYCLE, metadata "table" and "constraint" naming one
+        such key), nothing written; declare those keys DEFERRABLE to restore it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -35,9 +35,15 @@ class MaintenanceServiceStub:
     def __init__(self, channel: _aio.Channel) -> None: ...
     ExportBackup: _aio.UnaryStreamMultiCallable[_maintenance_service_pb2.ExportBackupRequest, _maintenance_service_pb2.ExportBackupResponse]
     """Streams a backup: one BackupHeader, then BackupChunk messages, then one
-    BackupManifest. Returns INVALID_ARGUMENT if the workspace id is not a
-    UUID or a table is not exposed, and DEADLINE_EXCEEDED if the deadline
-    passes first (the snapshot transaction is rolled back).
+    BackupManifest. The header lists each table's columns as they are in the
+    backup's snapshot. The backup's tables are locked (ACCESS SHARE) from
+    before the snapshot until the stream ends, as pg_dump does: reads and
+    writes go on, an ALTER TABLE or TRUNCATE of them waits. Returns
+    INVALID_ARGUMENT if the workspace id is not a UUID or a table is not
+    exposed, FAILED_PRECONDITION (reason TABLE_CHANGED) if a table was
+    dropped or replaced since the server last read its catalog, and
+    DEADLINE_EXCEEDED if the deadline passes first (the snapshot transaction
+    is rolled back).
     """
     RestoreBackup: _aio.StreamUnaryMultiCallable[_maintenance_service_pb2.RestoreBackupRequest, _maintenance_service_pb2.RestoreBackupResponse]
     """Loads a backup streamed as ExportBackup sent it, in one transaction,
@@ -56,6 +62,13 @@ class MaintenanceServiceStub:
     key ON DELETE CASCADE, SET NULL or SET DEFAULT, and FAILED_PRECONDITION
     (reason FOREIGN_KEY_VIOLATION) when it has such rows through a NO ACTION
     or RESTRICT key. Both are refused before anything is written.
+
+    DEFERRABLE foreign keys are checked at COMMIT, so tables that reference
+    each other (a cycle of keys) restore whatever rows they hold. A cycle of
+    keys that are not DEFERRABLE is checked statement by statement: a backup
+    whose rows reference each other around it returns FAILED_PRECONDITION
+    (reason FOREIGN_KEY_CYCLE, metadata "table" and "constraint" naming one
+    such key), nothing written; declare those keys DEFERRABLE to restore it.
     """
     StartJob: _aio.UnaryUnaryMultiCallable[_maintenance_service_pb2.StartJobRequest, _maintenance_service_pb2.StartJobResponse]
     """Starts a job and returns it at once, QUEUED or RUNNING. Returns
@@ -120,9 +133,15 @@ class MaintenanceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _aio.ServicerContext[_maintenance_service_pb2.ExportBackupRequest, _abc.AsyncIterator[_maintenance_service_pb2.ExportBackupResponse]],
     ) -> _abc.AsyncIterator[_maintenance_service_pb2.ExportBackupResponse]:
         """Streams a backup: one BackupHeader, then BackupChunk messages, then one
-        BackupManifest. Returns INVALID_ARGUMENT if the workspace id is not a
-        UUID or a table is not exposed, and DEADLINE_EXCEEDED if the deadline
-        passes first (the snapshot transaction is rolled back).
+        BackupManifest. The header lists each table's columns as they are in the
+        backup's snapshot. The backup's tables are locked (ACCESS SHARE) from
+        before the snapshot until the stream ends, as pg_dump does: reads and
+        writes go on, an ALTER TABLE or TRUNCATE of them waits. Returns
+        INVALID_ARGUMENT if the workspace id is not a UUID or a table is not
+        exposed, FAILED_PRECONDITION (reason TABLE_CHANGED) if a table was
+        dropped or replaced since the server last read its catalog, and
+        DEADLINE_EXCEEDED if the deadline passes first (the snapshot transaction
+        is rolled back).
         """
 
     @_abc_1.abstractmethod
@@ -147,6 +166,13 @@ class MaintenanceServiceServicer(metaclass=_abc_1.ABCMeta):
         key ON DELETE CASCADE, SET NULL or SET DEFAULT, and FAILED_PRECONDITION
         (reason FOREIGN_KEY_VIOLATION) when it has such rows through a NO ACTION
         or RESTRICT key. Both are refused before anything is written.
+
+        DEFERRABLE foreign keys are checked at COMMIT, so tables that reference
+        each other (a cycle of keys) restore whatever rows they hold. A cycle of
+        keys that are not DEFERRABLE is checked statement by statement: a backup
+        whose rows reference each other around it returns FAILED_PRECONDITION
+        (reason FOREIGN_KEY_CYCLE, metadata "table" and "constraint" naming one
+        such key), nothing written; declare those keys DEFERRABLE to restore it.
         """
 
     @_abc_1.abstractmethod

@@ -35,6 +35,10 @@ _BY_SQLSTATE: Mapping[str, tuple[Code, str]] = {
     "42501": (Code.FAILED_PRECONDITION, "INSUFFICIENT_PRIVILEGE"),
     "42P01": (Code.FAILED_PRECONDITION, "TABLE_CHANGED"),
     "42703": (Code.FAILED_PRECONDITION, "TABLE_CHANGED"),
+    # wrong_object_type: a statement met an object of another kind than it works on (a
+    # table replaced by a view since the catalog was read, say): the database's state,
+    # not the request, is at fault.
+    "42809": (Code.FAILED_PRECONDITION, "WRONG_OBJECT_TYPE"),
     "42P10": (Code.INVALID_ARGUMENT, "NOT_A_UNIQUE_KEY"),
     "42883": (Code.INVALID_ARGUMENT, "UNSUPPORTED_OPERATION"),
     "42804": (Code.INVALID_ARGUMENT, "INVALID_VALUE"),

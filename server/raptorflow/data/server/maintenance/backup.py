@@ -1,12 +1,14 @@
 """Backups and restores of exposed tables: COPY out in one snapshot, COPY in in one transaction.
 
-Export: one REPEATABLE READ READ ONLY transaction on an owner connection; each
-table in scope is read with `COPY ... TO STDOUT (FORMAT binary)`, cut into
-chunks of at most `chunk_bytes`, each with its SHA-256 and a gap-free
-sequence, between a header (tables, columns and their types) and a manifest
-(row counts, chunk count, bytes, SHA-256 of all the data). A task runs the
-COPY and hands chunks over a small bounded queue, so a slow reader holds the
-COPY back instead of a table piling up in memory.
+Export: one REPEATABLE READ READ ONLY transaction on an owner connection,
+which locks its tables (ACCESS SHARE) before its snapshot and reads their
+columns from pg_attribute; each table in scope is read with `COPY (SELECT
+...) TO STDOUT (FORMAT binary)` (a query, because COPY refuses a partitioned
+table by name), cut into chunks of at most `chunk_bytes`, each with its
+SHA-256 and a gap-free sequence, between a header (tables, columns and their
+types) and a manifest (row counts, chunk count, bytes, SHA-256 of all the
+data). A task runs the COPY and hands chunks over a small bounded queue, so a
+slow reader holds the COPY back instead of a table piling up in memory.
 
 Restore: the chunks are checked as they arrive (sequence, SHA-256) and fed to
 `COPY ... FROM STDIN (FORMAT binary)`, table by table, in one transaction on
@@ -14,7 +16,8 @@ an owner connection; the manifest is checked before COMMIT. Anything wrong, or
 a caller that goes away, rolls the whole restore back. A workspace's restore
 copies with `WHERE workspace_id = '<the backup's workspace>'`, so a backup
 that carries rows of another workspace never writes them: they are left out,
-and the row counts then disagree with the manifest.
+and the row counts then disagree with the manifest. DEFERRABLE foreign keys
+are checked at COMMIT, so tables that reference each other restore.
 
 COPY takes no bound parameters: the workspace id reaches its statement only as
 the text of a parsed `uuid.UUID` (hex digits and hyphens), never as the
@@ -36,6 +39,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+import asyncpg
 from raptorflow.data.server.config import Settings
 from raptorflow.data.server.db.catalog import CatalogCache
 from raptorflow.data.server.db.connections import Connection, Database, Deadline
@@ -114,11 +118,8 @@ class Backups:
     ) -> AsyncGenerator[pb.ExportBackupResponse, None]:
         """Streams header, chunks and manifest of one consistent snapshot."""
         scope = await self.resolve_scope(request.scope, "scope")
-        chunk_bytes = backup_stream.chunk_bytes(request.chunk_bytes)
-        # A chunk with its table name, sequence and SHA-256 must fit one message.
-        chunk_bytes = max(
-            backup_stream.MIN_CHUNK_BYTES,
-            min(chunk_bytes, self._settings.max_message_bytes - 1024),
+        chunk_bytes = backup_stream.chunk_bytes(
+            request.chunk_bytes, self._settings.max_message_bytes
         )
         budget = deadline.timeout(self._settings.backup_timeout)
         messages = self._export(
@@ -415,6 +416,8 @@ class Backups:
     ) -> None:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             await backup_tables.limit_statements(conn, budget)
+            # Before the first query, which takes the snapshot: see lock_tables.
+            await backup_tables.lock_tables(conn, scope.tables, "ACCESS SHARE")
             snapshot = await conn.fetchrow(_SNAPSHOT_SQL)
             assert snapshot is not None
             shapes = await backup_tables.copy_shapes(
@@ -460,21 +463,14 @@ class Backups:
         await report.start(table.name)
         chunker = backup_stream.Chunker(table.name, chunk_bytes, state, queue, report)
         condition = scope.copy_filter(table)
-        if condition is None:
-            status = await conn.copy_from_table(
-                table.name,
-                schema_name=table.schema,
-                columns=shape.column_names,
-                output=chunker.write,
-                format="binary",
-            )
-        else:
-            columns = ", ".join(c.quoted for c in shape.columns)
-            status = await conn.copy_from_query(
-                f"SELECT {columns} FROM {table.qualified} WHERE {condition}",
-                output=chunker.write,
-                format="binary",
-            )
+        where = "" if condition is None else f" WHERE {condition}"
+        columns = ", ".join(c.quoted for c in shape.columns)
+        # A query even for every workspace: `COPY table TO` refuses partitioned tables.
+        status = await conn.copy_from_query(
+            f"SELECT {columns} FROM {table.qualified}{where}",
+            output=chunker.write,
+            format="binary",
+        )
         await chunker.flush()
         rows = backup_tables.copied_rows(status)
         report.finish(table.name, "COPY TO", rows)
@@ -495,16 +491,26 @@ class Backups:
         started = time.perf_counter()
         async with self._owner_connection(wait) as conn, conn.transaction():
             await backup_tables.limit_statements(conn, budget)
+            await backup_tables.defer_constraints(conn)
+            await backup_tables.lock_scope(conn, scope)
             shapes = await backup_tables.copy_shapes(conn, scope.tables)
             backup_tables.check_columns(header, shapes)
-            await backup_tables.lock_scope(conn, scope, shapes)
-            replaced = await backup_tables.clear_scope(
-                conn, scope, shapes, replace_existing, report
+            cycle = backup_tables.immediate_cycles(
+                await backup_tables.foreign_keys(conn, scope.tables)
             )
-            counts = []
-            for shape in shapes:
-                rows = await self._copy_table_in(conn, scope, shape, incoming, report)
-                counts.append(pb.BackupTableCount(table=shape.table.name, row_count=rows))
+            try:
+                replaced = await backup_tables.clear_scope(
+                    conn, scope, shapes, replace_existing, report
+                )
+                counts = []
+                for shape in shapes:
+                    rows = await self._copy_table_in(conn, scope, shape, incoming, report)
+                    counts.append(pb.BackupTableCount(table=shape.table.name, row_count=rows))
+            except asyncpg.ForeignKeyViolationError as error:
+                explained = backup_tables.cycle_violation(error, cycle)
+                if explained is None:
+                    raise
+                raise explained from None
             manifest = await incoming.manifest()
             backup_stream.check_manifest(manifest, incoming, counts)
             await report.enter("commit")

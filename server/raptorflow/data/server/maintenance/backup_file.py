@@ -194,7 +194,9 @@ class BackupWriter:
     def __init__(self, path: BackupPath, field_path: str) -> None:
         self._path = path
         self._field_path = field_path
-        self._temporary = path.file.with_name(f".{path.file.name}.{secrets.token_hex(4)}.partial")
+        # Fixed length, whatever the target's: any name the file system takes must work,
+        # and one of 255 bytes leaves no room for a prefix and a suffix around it.
+        self._temporary = path.file.with_name(f".rf-{secrets.token_hex(8)}.partial")
         self._file: BinaryIO | None = None
         self._sha256 = hashlib.sha256()
         self.bytes = 0

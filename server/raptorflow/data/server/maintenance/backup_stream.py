@@ -28,7 +28,15 @@ pb = maintenance_service_pb2
 FORMAT_VERSION = 1
 DEFAULT_CHUNK_BYTES = 1 << 20
 MIN_CHUNK_BYTES = 4096
+# The largest chunk_bytes a request may ask for (the documented range).
 MAX_CHUNK_BYTES = 4 << 20
+# gRPC's default receive limit, which raw stubs, grpcurl and other languages' clients keep.
+DEFAULT_GRPC_MESSAGE_BYTES = 4 << 20
+# Room in a message for all but the chunk's data: the table name (at most 63 bytes), the
+# sequence, the SHA-256 and the fields' tags and lengths take under 150 bytes.
+MESSAGE_OVERHEAD_BYTES = 1024
+# The most COPY data one chunk carries, so every message fits the default receive limit.
+LARGEST_CHUNK_DATA = DEFAULT_GRPC_MESSAGE_BYTES - MESSAGE_OVERHEAD_BYTES
 # A message of a backup stream, as ExportBackup sends it or RestoreBackup receives it:
 # both carry the same `part` oneof.
 Part = pb.ExportBackupResponse | pb.RestoreBackupRequest
@@ -42,17 +50,23 @@ def data_loss(reason: str, message: str, **metadata: str) -> ServiceError:
     return ServiceError(Code.DATA_LOSS, reason, message, metadata=metadata)
 
 
-def chunk_bytes(requested: int) -> int:
-    """The chunk size an export request asks for; INVALID_ARGUMENT outside the bounds."""
+def chunk_bytes(requested: int, max_message_bytes: int) -> int:
+    """The most COPY data per chunk for an export request; INVALID_ARGUMENT outside the bounds.
+
+    Any size in the documented range is accepted, but a chunk never carries more than
+    LARGEST_CHUNK_DATA, so its message fits gRPC's default 4 MiB receive limit, nor more
+    than the server's own message limit (`max_message_bytes`) allows.
+    """
     if requested == 0:
-        return DEFAULT_CHUNK_BYTES
-    if not MIN_CHUNK_BYTES <= requested <= MAX_CHUNK_BYTES:
+        requested = DEFAULT_CHUNK_BYTES
+    elif not MIN_CHUNK_BYTES <= requested <= MAX_CHUNK_BYTES:
         raise invalid_argument(
             "chunk_bytes",
             f"must be from {MIN_CHUNK_BYTES} to {MAX_CHUNK_BYTES} (or 0), not {requested}",
             reason="OUT_OF_RANGE",
         )
-    return requested
+    largest = min(LARGEST_CHUNK_DATA, max_message_bytes - MESSAGE_OVERHEAD_BYTES)
+    return max(MIN_CHUNK_BYTES, min(requested, largest))
 
 
 @dataclass
