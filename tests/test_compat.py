@@ -534,7 +534,8 @@ def _failing_schedule(status: monitoring_service_pb2.GetStatusResponse) -> None:
         run_count=10,
         success_count=9,
         success_rate=0.9,
-        last_job=job_pb2.Job(state=job_pb2.JOB_STATE_FAILED),
+        last_job=job_pb2.Job(state=job_pb2.JOB_STATE_RUNNING),
+        last_finished_job=job_pb2.Job(state=job_pb2.JOB_STATE_FAILED),
     )
 
 
@@ -570,6 +571,9 @@ async def test_health_rules(
         }[word]
     )
     assert [alert["check"] for alert in current["alerts"]] == ([check] if check else [])
+    if name == "schedule-failing":
+        nightly = current["checks"]["schedules"]["schedules"]["nightly"]
+        assert (nightly["last_state"], nightly["last_result"]) == ("RUNNING", "FAILED")
     json.dumps(system)
 
 

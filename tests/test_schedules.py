@@ -331,6 +331,36 @@ async def test_success_rate_counts_finished_runs(
     assert listed_quiet.next_run_time.ToDatetime(tzinfo=UTC) == at("2031-01-01 00:00:00")
 
 
+async def test_the_last_result_is_the_latest_run_that_ended(
+    settings: Settings, two_runtimes: tuple[ScriptedExecutor, Jobs, Jobs]
+) -> None:
+    # last_job is the newest run whatever its state; last_finished_job (the "last result"
+    # the status view gives) stays on the newest run that ended while a later one is under way.
+    _, jobs, _ = two_runtimes
+    name = f"slow-{uuid.uuid4().hex[:8]}"
+    clock = FakeClock(at("2030-03-01 00:00:30"))
+    scheduler = scheduler_of(
+        settings,
+        jobs,
+        clock,
+        entry(name, {"analyze": {"tables": ["sleep 1"]}}, interval_seconds=60),
+    )
+    [first] = await scheduler.run_due()
+    listed = (await scheduler.list())[0]
+    assert listed.last_job.job_id == first.job_id
+    assert not listed.HasField("last_finished_job"), "no run has ended yet"
+    [first_ended] = await finish(jobs, [first])
+    clock.now = at("2030-03-01 00:01:30")
+    [second] = await scheduler.run_due()
+    listed = (await scheduler.list())[0]
+    assert listed.last_job.job_id == second.job_id
+    assert listed.last_job.state in (job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING)
+    assert listed.last_finished_job == first_ended
+    assert first_ended.state == job_pb2.JOB_STATE_SUCCEEDED
+    [second_ended] = await finish(jobs, [second])
+    assert (await scheduler.list())[0].last_finished_job == second_ended
+
+
 async def test_a_schedule_without_a_next_run_leaves_the_others_listed(
     settings: Settings, two_runtimes: tuple[ScriptedExecutor, Jobs, Jobs]
 ) -> None:

@@ -327,6 +327,11 @@ def _schedule_check(status: monitoring_service_pb2.GetStatusResponse) -> dict[st
                 "last_state": (
                     job_state(schedule.last_job).name if schedule.HasField("last_job") else None
                 ),
+                "last_result": (
+                    job_state(schedule.last_finished_job).name
+                    if schedule.HasField("last_finished_job")
+                    else None
+                ),
             }
             for schedule in status.schedules
         }
@@ -432,6 +437,7 @@ def _job_summary(job: job_pb2.Job) -> dict[str, Any]:
                 "size_bytes_before": report.size_bytes_before,
                 "size_bytes_after": report.size_bytes_after,
                 "duration_ms": report.duration_ms,
+                "notices": list(report.notices),
             }
             for report in job.result.tables
         ],

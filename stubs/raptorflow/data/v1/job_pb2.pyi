@@ -656,6 +656,7 @@ class Schedule(_message.Message):
     RUN_COUNT_FIELD_NUMBER: _builtins.int
     SUCCESS_COUNT_FIELD_NUMBER: _builtins.int
     SUCCESS_RATE_FIELD_NUMBER: _builtins.int
+    LAST_FINISHED_JOB_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Output only. The schedule's name, unique in the configuration."""
     cron: _builtins.str
@@ -684,7 +685,16 @@ class Schedule(_message.Message):
 
     @_builtins.property
     def last_job(self) -> Global___Job:
-        """Output only. The schedule's latest job, if it ran at all."""
+        """Output only. The schedule's latest job in any state (it may still be
+        QUEUED or RUNNING); unset if the schedule never ran.
+        """
+
+    @_builtins.property
+    def last_finished_job(self) -> Global___Job:
+        """Output only. The schedule's latest job that ended (SUCCEEDED, FAILED or
+        CANCELLED): its last result. Unset until a run ends. While a run is under
+        way, last_job is that run and this is the one before it.
+        """
 
     def __init__(
         self,
@@ -698,10 +708,11 @@ class Schedule(_message.Message):
         run_count: _builtins.int = ...,
         success_count: _builtins.int = ...,
         success_rate: _builtins.float = ...,
+        last_finished_job: Global___Job | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_job", b"last_job", "next_run_time", b"next_run_time", "spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_finished_job", b"last_finished_job", "last_job", b"last_job", "next_run_time", b"next_run_time", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cron", b"cron", "interval_seconds", b"interval_seconds", "last_job", b"last_job", "name", b"name", "next_run_time", b"next_run_time", "run_count", b"run_count", "spec", b"spec", "success_count", b"success_count", "success_rate", b"success_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cron", b"cron", "interval_seconds", b"interval_seconds", "last_finished_job", b"last_finished_job", "last_job", b"last_job", "name", b"name", "next_run_time", b"next_run_time", "run_count", b"run_count", "spec", b"spec", "success_count", b"success_count", "success_rate", b"success_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

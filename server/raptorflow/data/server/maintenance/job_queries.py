@@ -177,6 +177,12 @@ WHERE schedule = ANY($1::text[])
 ORDER BY schedule, created_at DESC, id DESC
 """
 
+LATEST_FINISHED_SCHEDULED_JOBS = f"""
+SELECT DISTINCT ON (schedule) {_JOB_COLUMNS} FROM raptorflow_data.jobs
+WHERE schedule = ANY($1::text[]) AND state IN ('SUCCEEDED', 'FAILED', 'CANCELLED')
+ORDER BY schedule, created_at DESC, id DESC
+"""
+
 
 def job_from_row(row: asyncpg.Record) -> job_pb2.Job:
     """The Job message of a row selected with the job columns."""

@@ -114,6 +114,9 @@ class ScheduleHistory:
     """Finished jobs (SUCCEEDED, FAILED, CANCELLED)."""
     succeeded: int
     last_job: job_pb2.Job | None
+    """The newest job, in any state."""
+    last_finished_job: job_pb2.Job | None
+    """The newest job that ended: the schedule's last result."""
 
 
 def _server_stopping() -> ServiceError:
@@ -408,11 +411,14 @@ class Jobs:
         return job
 
     async def schedule_history(self, names: Sequence[str]) -> dict[str, ScheduleHistory]:
-        """Finished and successful runs and the latest job of each named schedule."""
+        """Finished and successful runs and the latest job (and latest finished job) of each
+        named schedule."""
         async with self._connection() as conn:
             counts = await conn.fetch(sql.SCHEDULE_COUNTS, list(names))
             latest = await conn.fetch(sql.LATEST_SCHEDULED_JOBS, list(names))
+            finished = await conn.fetch(sql.LATEST_FINISHED_SCHEDULED_JOBS, list(names))
         last_jobs = {row["schedule"]: sql.job_from_row(row) for row in latest}
+        last_finished = {row["schedule"]: sql.job_from_row(row) for row in finished}
         by_name = {row["schedule"]: row for row in counts}
         history = {}
         for name in names:
@@ -421,6 +427,7 @@ class Jobs:
                 runs=row["runs"] if row else 0,
                 succeeded=row["succeeded"] if row else 0,
                 last_job=last_jobs.get(name),
+                last_finished_job=last_finished.get(name),
             )
         return history
 

@@ -121,8 +121,8 @@ class Scheduler:
         return started
 
     async def list(self) -> list[job_pb2.Schedule]:
-        """Every configured schedule, sorted by name, with its next run, latest job and
-        success rate."""
+        """Every configured schedule, sorted by name, with its next run, latest job, last
+        result and success rate."""
         if not self.schedules:
             return []
         history = await self._jobs.schedule_history([s.name for s in self.schedules])
@@ -147,5 +147,7 @@ class Scheduler:
                 schedule.next_run_time.FromDatetime(next_run)
             if seen.last_job is not None:
                 schedule.last_job.CopyFrom(seen.last_job)
+            if seen.last_finished_job is not None:
+                schedule.last_finished_job.CopyFrom(seen.last_finished_job)
             listed.append(schedule)
         return listed
