@@ -52,19 +52,27 @@ BASELINE = report.RESULTS / "baseline.json"
 # A full run's bulk, sync and backup ratios lay within 6 % of the quick runs'
 # medians. Beside other jobs using about a core, ratios moved by up to 3x,
 # which no band absorbs: the suite flags such parts NOISY instead.
+# Five quick suites on a later host of the same kind (Intel Xeon, 2 cores,
+# PostgreSQL 15, none flagged NOISY; they make the baseline of f3c4b45's code)
+# spread wider, and three of the five fell outside the bands above against their
+# own medians. The largest falls there: rps/echo 35 % (list select), rps/asyncpg
+# 25 %, p99/echo a rise of 106 % (count), snapshot over COPY out 21 %, restore
+# over pg_restore 24 %, export over pg_dump 13 %, the raw-stub bulk insert and
+# ColumnBatch 9 %. The bands below take about 1.5 times those, so a run only
+# fails on a fall no quiet run of the baseline showed.
 BANDS = {
-    "rps_vs_echo": 0.35,
-    "rps_vs_asyncpg": 0.35,
-    "p99_vs_echo": 1.00,
+    "rps_vs_echo": 0.50,
+    "rps_vs_asyncpg": 0.40,
+    "p99_vs_echo": 1.50,
     "bulk_insert_vs_copy": 0.10,
-    "bulk_insert_raw_vs_copy": 0.10,
+    "bulk_insert_raw_vs_copy": 0.15,
     "snapshot_vs_cursor": 0.10,
-    "snapshot_vs_copy_out": 0.10,
-    "columnbatch_vs_cursor": 0.10,
-    "export_vs_pg_dump_custom": 0.15,
-    "export_vs_pg_dump_plain": 0.15,
-    "restore_vs_pg_restore": 0.15,
-    "restore_vs_psql": 0.15,
+    "snapshot_vs_copy_out": 0.30,
+    "columnbatch_vs_cursor": 0.15,
+    "export_vs_pg_dump_custom": 0.25,
+    "export_vs_pg_dump_plain": 0.25,
+    "restore_vs_pg_restore": 0.35,
+    "restore_vs_psql": 0.20,
 }
 DEFAULT_BAND = 0.30
 """For a ratio not measured yet when the bands were (a new unary workload's kind is
