@@ -162,26 +162,30 @@ ORDER BY created_at DESC, id DESC
 LIMIT $5
 """
 
-SCHEDULE_COUNTS = """
+# A job in one of these states has ended: a finished run of its schedule.
+_ENDED = "state IN ('SUCCEEDED', 'FAILED', 'CANCELLED')"
+
+SCHEDULE_COUNTS = f"""
 SELECT schedule,
-       count(*) FILTER (WHERE state IN ('SUCCEEDED', 'FAILED', 'CANCELLED')) AS runs,
+       count(*) FILTER (WHERE {_ENDED}) AS runs,
        count(*) FILTER (WHERE state = 'SUCCEEDED') AS succeeded
 FROM raptorflow_data.jobs
 WHERE schedule = ANY($1::text[])
 GROUP BY schedule
 """
 
-LATEST_SCHEDULED_JOBS = f"""
+
+def _latest_scheduled_jobs(condition: str) -> str:
+    """The newest job of each schedule in $1 that meets `condition`."""
+    return f"""
 SELECT DISTINCT ON (schedule) {_JOB_COLUMNS} FROM raptorflow_data.jobs
-WHERE schedule = ANY($1::text[])
+WHERE schedule = ANY($1::text[]) AND {condition}
 ORDER BY schedule, created_at DESC, id DESC
 """
 
-LATEST_FINISHED_SCHEDULED_JOBS = f"""
-SELECT DISTINCT ON (schedule) {_JOB_COLUMNS} FROM raptorflow_data.jobs
-WHERE schedule = ANY($1::text[]) AND state IN ('SUCCEEDED', 'FAILED', 'CANCELLED')
-ORDER BY schedule, created_at DESC, id DESC
-"""
+
+LATEST_SCHEDULED_JOBS = _latest_scheduled_jobs("true")
+LATEST_FINISHED_SCHEDULED_JOBS = _latest_scheduled_jobs(_ENDED)
 
 
 def job_from_row(row: asyncpg.Record) -> job_pb2.Job:
