@@ -172,15 +172,13 @@ def client_config() -> ClientConfig:
     if not timeout_text:
         return ClientConfig(target, token=token, **tls)
     try:
-        timeout = float(timeout_text)
-    except ValueError:
-        timeout = 0.0
-    if not 0 < timeout <= MAX_TIMEOUT_SECONDS:
+        # ClientConfig checks the range: the one place that knows what gRPC can send.
+        return ClientConfig(target, token=token, timeout=float(timeout_text), **tls)
+    except ValueError as err:  # not a number, or out of range
         raise ValueError(
             f"{TIMEOUT_ENV}={timeout_text!r} is not a number of seconds above 0 and at most"
             f" {MAX_TIMEOUT_SECONDS:.0f} (100 years)"
-        )
-    return ClientConfig(target, token=token, timeout=timeout, **tls)
+        ) from err
 
 
 def _tls_from_environment() -> dict[str, Any]:
